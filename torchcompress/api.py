@@ -1,0 +1,76 @@
+"""Entry verbs: in place on any ``nn.Module``, returning the model.
+
+Example::
+
+    import torchcompress as tc
+    tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=4, group_size=128)))
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import torch.nn as nn
+
+from .config import QATConfig, QuantScheme, RTNConfig
+from .errors import ConfigError
+from .nn.quant_linear import QuantLinear
+from .targets import select_modules, set_submodule
+
+log = logging.getLogger(__name__)
+
+# Skipped unless the caller passes its own ``ignore``: output heads are the most sensitive layer
+# and are usually tied to the embedding (which is not a Linear and never matches nn.Linear).
+DEFAULT_IGNORE = ("lm_head", "re:.*embed.*")
+
+
+def _rtn(linear: nn.Linear, cfg: RTNConfig, name: str) -> nn.Module:
+    return QuantLinear.from_linear(linear, cfg.scheme, name=f"{name}.weight")
+
+
+def _qat(linear: nn.Linear, cfg: QATConfig, name: str) -> nn.Module:
+    return QuantLinear.from_linear(linear, cfg.scheme, qat=True, name=f"{name}.weight")
+
+
+# dispatch keyed by config *type*; later techniques add their config classes here.
+_TRANSFORMS: dict[type, Callable] = {RTNConfig: _rtn, QATConfig: _qat}
+
+
+def quantize_(
+    model: nn.Module,
+    config: RTNConfig | QATConfig | QuantScheme,
+    *,
+    targets: Iterable = (nn.Linear,),
+    ignore: Iterable | None = None,
+    on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
+) -> nn.Module:
+    """Replace every matching ``nn.Linear`` of ``model`` with a :class:`QuantLinear`, in place.
+
+    ``ignore=None`` means :data:`DEFAULT_IGNORE` (``lm_head`` and embeddings); pass ``()`` to quantize
+    everything. ``on_module(name, old, new)`` is called after each replacement (reports use it).
+    A QuantScheme alone means RTN with that scheme.
+    """
+    if isinstance(config, QuantScheme):
+        config = RTNConfig(config)
+    fn = _TRANSFORMS.get(type(config))
+    if fn is None:
+        raise ConfigError("config", f"quantize_ does not handle {type(config).__name__}")
+    ignore = DEFAULT_IGNORE if ignore is None else ignore
+    chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear]
+    if not chosen:
+        log.warning("quantize_: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
+    for name, linear in chosen:
+        new = fn(linear, config, name)
+        set_submodule(model, name, new)
+        if on_module is not None:
+            on_module(name, linear, new)
+    return model
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """Pack every fake-quant :class:`QuantLinear` (after QAT), in place."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.freeze()
+    return model

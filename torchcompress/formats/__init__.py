@@ -1,0 +1,1 @@
+"""On-disk formats: our safetensors checkpoint, Hugging Face integration, (later) GGUF and others."""

@@ -1,0 +1,181 @@
+"""Our checkpoint: ``model.safetensors`` + a JSON manifest of the compressed modules. No pickle.
+
+Hugging Face models keep their ``config.json`` with the manifest under ``quantization_config``
+(``quant_method: torchcompress``) so ``AutoModelForCausalLM.from_pretrained`` can rebuild them once
+:mod:`torchcompress.hf` is imported; other modules get a ``torchcompress.json`` beside the weights.
+
+Loading rebuilds the skeleton on the meta device, swaps in empty compressed modules from the
+manifest, and loads the tensors with ``load_state_dict(assign=True)``: no float weights are ever
+materialised and no quantization runs at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import FormatError
+from ..nn.quant_linear import QuantLinear, quant_linear_from_manifest, quant_linear_manifest
+from ..targets import set_submodule
+from .atomic import atomic_directory
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "torchcompress"
+WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "torchcompress.json"
+
+# manifest "type" -> (module class, describe, rebuild); later module kinds register here.
+MODULE_KINDS = {"QuantLinear": (QuantLinear, quant_linear_manifest, quant_linear_from_manifest)}
+
+
+def build_manifest(model: nn.Module) -> dict:
+    modules = {}
+    for name, m in model.named_modules():
+        for kind, (cls, describe, _) in MODULE_KINDS.items():
+            if type(m) is cls:
+                if isinstance(m, QuantLinear) and not m.is_packed:
+                    raise FormatError(name, "is a fake-quant QuantLinear; call freeze_(model) before saving")
+                modules[name] = describe(m)
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules}
+
+
+def _dedupe_state_dict(model: nn.Module) -> tuple[dict, dict]:
+    """Drop tensors that share storage with an earlier key (tied embeddings); return (sd, tied)."""
+    sd, tied, seen = {}, {}, {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        sd[key] = t.detach().contiguous().cpu()
+    return sd, tied
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "save_pretrained") and hasattr(model.config, "to_dict")
+
+
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``model`` (compressed in place by the verbs) to ``out_dir`` atomically."""
+    from safetensors.torch import save_file
+
+    manifest = build_manifest(model)
+    sd, tied = _dedupe_state_dict(model)
+    manifest["tied"] = tied
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "torchcompress": str(FORMAT_VERSION)})
+        if _is_hf(model):
+            cfg = model.config.to_dict()
+            cfg["quantization_config"] = manifest
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        else:
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """The manifest of a compressed directory, or None if ``path`` is not one of ours."""
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        manifest = _read_json(path / MANIFEST_NAME)
+    elif (path / "config.json").is_file():
+        manifest = _read_json(path / "config.json").get("quantization_config")
+        if not isinstance(manifest, dict) or manifest.get("quant_method") != QUANT_METHOD:
+            return None
+    else:
+        return None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FormatError(path, f"checkpoint format_version {version!r}; this torchcompress reads {FORMAT_VERSION}")
+    if not isinstance(manifest.get("modules"), dict):
+        raise FormatError(path, "manifest has no 'modules' mapping")
+    return manifest
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(p, f"not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise FormatError(p, "top level is not a JSON object")
+    return data
+
+
+def apply_manifest(model: nn.Module, manifest: dict, device="meta", source: str = "manifest") -> nn.Module:
+    """Swap empty compressed modules (on ``device``) into ``model`` where the manifest names them."""
+    for name, entry in manifest["modules"].items():
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind not in MODULE_KINDS:
+            raise FormatError(source, f"module {name!r}: unknown type {kind!r}")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(source, f"module {name!r} does not exist in the model") from None
+        try:
+            new = MODULE_KINDS[kind][2](entry, device=device)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(source, f"module {name!r}: bad manifest entry: {e}") from None
+        set_submodule(model, name, new)
+    return model
+
+
+def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
+    """Load ``path/model.safetensors`` into ``model`` (skeleton with meta tensors) by assignment."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FormatError(path, f"missing {WEIGHTS_NAME}")
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise FormatError(weights, f"unreadable safetensors: {e}") from None
+    tied = manifest.get("tied", {})
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(sd) - set(tied))
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise FormatError(weights, f"tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise FormatError(weights, f"tensor shapes do not match the manifest: {str(e).splitlines()[-1].strip()}") from None
+    for key, src in tied.items():
+        mod_name, _, attr = key.rpartition(".")
+        src_mod, _, src_attr = src.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(src_mod), src_attr))
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise FormatError(weights, f"tensor {name!r} was not in the checkpoint")
+    return model.eval()
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a directory written by :func:`save_compressed`.
+
+    Hugging Face checkpoints rebuild their own skeleton; for other modules pass ``model``, an
+    instance of the original (uncompressed) architecture, e.g. built under ``torch.device("meta")``.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise FormatError(path, "not a torchcompress checkpoint (no torchcompress.json or quantization_config)")
+    if model is None:
+        from .hf import empty_hf_model
+
+        model = empty_hf_model(path)
+    apply_manifest(model, manifest, source=str(path))
+    return load_state_into(model, path, manifest)

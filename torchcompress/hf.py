@@ -1,0 +1,5 @@
+"""``import torchcompress.hf`` registers the torchcompress quantization method with transformers."""
+
+from .formats.hf import register
+
+register()

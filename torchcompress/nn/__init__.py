@@ -1,0 +1,3 @@
+"""Drop-in replacements for ``nn.Linear``."""
+
+from .quant_linear import QuantLinear  # noqa: F401

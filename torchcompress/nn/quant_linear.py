@@ -1,0 +1,178 @@
+"""QuantLinear: an ``nn.Linear`` whose weight is stored as packed integer codes + scales (+ zeros).
+
+Two states:
+
+* **packed** (inference): buffers ``qweight`` (N, ceil(K*bits/8)) uint8, ``scale`` (N, G) or (1, 1),
+  ``zero`` (N, G) uint8 for asymmetric schemes; the forward is one op, ``torchcompress::int_linear``.
+* **fake-quant** (QAT): a float master ``weight`` parameter; the forward quantizes it on the fly with a
+  straight-through estimator so gradients reach the master weight. :meth:`freeze` packs it.
+
+Example::
+
+    ql = QuantLinear.from_linear(nn.Linear(576, 1536), QuantScheme(bits=4, group_size=128))
+    y = ql(torch.randn(2, 576))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Granularity, QuantScheme
+from ..ops import int_linear as _int_linear_op  # noqa: F401  (registers torchcompress::int_linear)
+from ..ops.int_linear import dequantize_packed
+from ..primitives.affine import effective_group_size, num_groups, quantize_affine
+from ..primitives.packing import pack, packed_len
+from .ste import fake_quantize_ste
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        scheme: QuantScheme = QuantScheme(),
+        *,
+        qat: bool = False,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        self.group_size = effective_group_size(scheme, in_features)
+        fk = {"device": device, "dtype": dtype or torch.float32}
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        if qat:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        else:
+            self.weight = None
+            self._alloc_packed(device)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _qparam_shape(self) -> tuple[int, int]:
+        if self.scheme.granularity is Granularity.TENSOR:
+            return (1, 1)
+        return (self.out_features, num_groups(self.in_features, self.group_size))
+
+    def _alloc_packed(self, device) -> None:
+        n, k, bits = self.out_features, self.in_features, self.scheme.bits
+        self.register_buffer("qweight", torch.zeros(n, packed_len(k, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(self._qparam_shape(), dtype=self.scheme.torch_scale_dtype, device=device))
+        if self.scheme.symmetric:
+            self.zero = None
+        else:
+            self.register_buffer("zero", torch.zeros(self._qparam_shape(), dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, qat: bool = False, name: str = "weight") -> "QuantLinear":
+        """Quantize ``linear`` (RTN) into a new QuantLinear; ``name`` labels errors (NaN/Inf weights)."""
+        w = linear.weight.detach()
+        has_bias = linear.bias is not None
+        mod = cls(linear.in_features, linear.out_features, has_bias, scheme, qat=True, device="meta")
+        mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad) if has_bias else None
+        if qat:
+            from ..primitives.affine import check_finite
+
+            check_finite(w, name)
+            mod.weight = nn.Parameter(w.clone())
+        else:
+            mod.weight = None
+            mod._set_packed_from(w, name)
+        return mod
+
+    def _set_packed_from(self, w: torch.Tensor, name: str) -> None:
+        q = quantize_affine(w, self.scheme, name=name)
+        for key in ("qweight", "scale", "zero"):
+            self._buffers.pop(key, None)
+            self.__dict__.pop(key, None)
+        self.register_buffer("qweight", pack(q.codes, self.scheme.bits))
+        self.register_buffer("scale", q.scale)
+        if q.zero is None:
+            self.zero = None
+        else:
+            self.register_buffer("zero", q.zero)
+
+    # -- state changes ------------------------------------------------------------------------
+
+    @property
+    def is_packed(self) -> bool:
+        return self.weight is None
+
+    @torch.no_grad()
+    def freeze(self) -> "QuantLinear":
+        """Fake-quant -> packed: quantize the master weight and drop it. No-op when already packed."""
+        if not self.is_packed:
+            w = self.weight.detach()
+            del self.weight
+            self.weight = None
+            self._set_packed_from(w, "weight")
+        return self
+
+    @torch.no_grad()
+    def unfreeze(self) -> "QuantLinear":
+        """Packed -> fake-quant, with the dequantized weight as the new master weight (for QAT)."""
+        if self.is_packed:
+            w = self.dequantize(self.bias.dtype if self.bias is not None else torch.float32)
+            for key in ("qweight", "scale", "zero"):
+                self._buffers.pop(key, None)
+            self.zero = None
+            self.weight = nn.Parameter(w)
+        return self
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (N, K) weight this layer computes with."""
+        if not self.is_packed:
+            return fake_quantize_ste(self.weight, self.scheme).detach().to(dtype)
+        return dequantize_packed(
+            self.qweight, self.scale, self.zero, self.scheme.bits, self.group_size, self.in_features, dtype
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if not self.is_packed:
+            w = fake_quantize_ste(self.weight, self.scheme)
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return torch.ops.torchcompress.int_linear(
+            x, self.qweight, self.scale, self.zero, self.bias,
+            self.scheme.bits, self.group_size, self.in_features,
+        )
+
+    def weight_bits(self) -> int:
+        """Bits this layer's weight occupies (codes, scales, zeros); the bias is not counted."""
+        if not self.is_packed:
+            return self.weight.numel() * self.weight.element_size() * 8
+        zero_bits = 0 if self.zero is None else self.zero.numel() * 8
+        return self.qweight.numel() * 8 + self.scale.numel() * self.scale.element_size() * 8 + zero_bits
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        gran = f"group_size={self.group_size}" if s.granularity is Granularity.GROUP else s.granularity.value
+        state = "packed" if self.is_packed else "fake-quant"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={s.bits}, {gran}, symmetric={s.symmetric}, {state}"
+        )
+
+
+def quant_linear_manifest(m: QuantLinear) -> dict:
+    """JSON-able description from which :func:`quant_linear_from_manifest` rebuilds an empty twin."""
+    return {
+        "type": "QuantLinear",
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "scheme": m.scheme.to_dict(),
+    }
+
+
+def quant_linear_from_manifest(entry: dict, device="meta") -> QuantLinear:
+    return QuantLinear(
+        int(entry["in_features"]), int(entry["out_features"]), bool(entry["bias"]),
+        QuantScheme.from_dict(entry["scheme"]), device=device,
+    )

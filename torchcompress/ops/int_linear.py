@@ -1,0 +1,83 @@
+"""``torchcompress::int_linear``: y = x @ dequant(qweight)^T + bias for group-wise integer weights.
+
+Declared once as a ``torch.library`` custom op with a fake (meta) implementation, so
+``torch.compile`` traces through it, and an autograd formula for the activation gradient (LoRA on a
+quantized base needs dL/dx; the packed weight itself is frozen).
+
+Implementations: the pure-PyTorch reference below is the only one so far. Faster kernels (native
+CPU, Triton) plug in at :func:`int_linear`'s body, chosen by :func:`selected_backend`, and must match
+the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives.affine import dequantize_affine
+from ..primitives.packing import unpack
+from .backend import selected_backend
+
+
+def dequantize_packed(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Packed (N, ceil(K*b/8)) uint8 -> dense (N, K) weight in ``dtype``."""
+    codes = unpack(qweight, bits, in_features)  # (N, K) uint8
+    return dequantize_affine(codes, scale, zero, bits, group_size, dtype)
+
+
+def _reference(x, qweight, scale, zero, bias, bits, group_size, in_features):
+    w = dequantize_packed(qweight, scale, zero, bits, group_size, in_features, x.dtype)  # (N, K)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("torchcompress::int_linear", mutates_args=())
+def int_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    # selected_backend() validates TORCHCOMPRESS_KERNEL; with no fast kernel registered yet, both
+    # AUTO and REFERENCE resolve to the reference implementation.
+    selected_backend()
+    return _reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
+
+
+@int_linear.register_fake
+def _(x, qweight, scale, zero, bias, bits, group_size, in_features):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scale, zero, bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(qweight, scale, zero)
+    ctx.meta = (bits, group_size, in_features, x.dtype, bias is not None)
+
+
+def _backward(ctx, grad_out):
+    qweight, scale, zero = ctx.saved_tensors
+    bits, group_size, in_features, dtype, has_bias = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_packed(qweight, scale, zero, bits, group_size, in_features, grad_out.dtype)
+        grad_x = (grad_out @ w).to(dtype)  # (..., N) @ (N, K) -> (..., K)
+    if has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+int_linear.register_autograd(_backward, setup_context=_setup_context)

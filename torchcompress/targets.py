@@ -1,0 +1,76 @@
+"""Match modules by type and fully-qualified name.
+
+A pattern is one of:
+
+* a module type (``nn.Linear``): matches instances (subclasses included);
+* ``"re:<regex>"``: the regex must match the whole fully-qualified name (``re.fullmatch``);
+* any other string: the exact fully-qualified name, or a name ending in ``"." + pattern``
+  (so ``"lm_head"`` and ``"down_proj"`` do what one expects).
+
+Example::
+
+    select_modules(model, targets=[nn.Linear], ignore=["lm_head", "re:.*\\.0\\..*"])
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator
+
+import torch.nn as nn
+
+from .errors import ConfigError
+
+Pattern = "str | type[nn.Module]"
+
+
+def _compile(patterns: Iterable, field: str) -> list:
+    out = []
+    for p in patterns:
+        if isinstance(p, type):
+            out.append(p)
+        elif isinstance(p, str) and p.startswith("re:"):
+            try:
+                out.append(re.compile(p[3:]))
+            except re.error as e:
+                raise ConfigError(field, f"invalid regex {p!r}: {e}") from None
+        elif isinstance(p, str) and p:
+            out.append(p)
+        else:
+            raise ConfigError(field, f"expected a module type, a name or 're:<regex>', got {p!r}")
+    return out
+
+
+def _matches(name: str, module: nn.Module, compiled: list) -> bool:
+    for p in compiled:
+        if isinstance(p, type):
+            if isinstance(module, p):
+                return True
+        elif isinstance(p, re.Pattern):
+            if p.fullmatch(name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def select_modules(
+    model: nn.Module, targets: Iterable = (nn.Linear,), ignore: Iterable = ()
+) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(fqn, module)`` for modules matching any target and no ignore pattern.
+
+    Type targets select modules; name targets select modules by name. A module matched by name must
+    still be a type the caller can handle: that check belongs to the caller.
+    """
+    t = _compile(targets, "targets")
+    i = _compile(ignore, "ignore")
+    for name, module in model.named_modules():
+        if name and _matches(name, module, t) and not _matches(name, module, i):
+            yield name, module
+
+
+def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Replace the submodule at ``fqn`` (``"model.layers.0.mlp.up_proj"``) with ``new``."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
