@@ -136,3 +136,7 @@ class QATConfig:
     def __post_init__(self):
         if not isinstance(self.scheme, QuantScheme):
             raise ConfigError("scheme", f"must be a QuantScheme, got {type(self.scheme).__name__}")
+
+
+# The one name -> config class table for recipes (`kind:` of a stage). Techniques add theirs here.
+STAGE_KINDS: dict[str, type] = {"rtn": RTNConfig, "qat_prepare": QATConfig}

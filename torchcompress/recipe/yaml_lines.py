@@ -1,0 +1,60 @@
+"""YAML -> plain Python values that remember their line numbers, for errors that name the line.
+
+Parsing uses PyYAML's SafeLoader composer (the same safe subset as ``yaml.safe_load``: no Python
+tags, no object construction); scalars are resolved with SafeLoader's own constructor.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from ..errors import RecipeError
+
+
+class LMap(dict):
+    """A mapping with ``line`` (its own) and ``lines[key]`` (1-based line of each key)."""
+
+    line: int = 0
+    lines: dict
+
+
+class LList(list):
+    line: int = 0
+    lines: list
+
+
+def _convert(node, loader, source: str):
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = LMap()
+        out.line, out.lines = line, {}
+        for k_node, v_node in node.value:
+            if not isinstance(k_node, yaml.ScalarNode):
+                raise RecipeError("mapping keys must be plain strings", source, k_node.start_mark.line + 1)
+            key = loader.construct_object(k_node)
+            if key in out:
+                raise RecipeError(f"duplicate key {key!r}", source, k_node.start_mark.line + 1)
+            out[key] = _convert(v_node, loader, source)
+            out.lines[key] = k_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out = LList(_convert(v, loader, source) for v in node.value)
+        out.line, out.lines = line, [v.start_mark.line + 1 for v in node.value]
+        return out
+    return loader.construct_object(node)
+
+
+def load_yaml_with_lines(text: str, source: str = "<recipe>"):
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise RecipeError("empty recipe", source, 1)
+        return _convert(node, loader, source)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise RecipeError(f"malformed YAML: {e.problem or e.context}", source, mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"malformed YAML: {e}", source) from None
+    finally:
+        loader.dispose()
