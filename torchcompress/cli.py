@@ -1,0 +1,209 @@
+"""The ``torchcompress`` command line (contract: shared/docs/CLI.md).
+
+Exit status: 0 success, 2 bad input (one line naming what is wrong), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger("torchcompress")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors are bad input too: exit 2, one line
+        self.exit(2, f"error: {message}\n")
+
+
+def _positive(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+
+    return parse
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar on a terminal; silent otherwise (the caller prints one line per stage)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False, file=sys.stderr)
+
+
+def _write_json(path: str, data: dict) -> None:
+    from .formats.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def _eval_windows(tokenizer, text_spec: str, seq_len: int, windows: int):
+    from .eval.perplexity import make_windows
+    from .eval.text import load_text
+
+    if tokenizer is None:
+        raise InputError("the model has no tokenizer; perplexity needs one")
+    text, desc = load_text(text_spec)
+    return make_windows(tokenizer, text, seq_len, windows, desc)
+
+
+def cmd_compress(args) -> int:
+    from .eval.perplexity import evaluate
+    from .eval.size import dir_bytes
+    from .formats.checkpoint import WEIGHTS_NAME, save_compressed
+    from .models import load_model
+    from .recipe.runner import clone_model, compress
+    from .recipe.schema import load_recipe
+
+    recipe = load_recipe(args.recipe)  # bad recipes fail before the model loads
+    if args.calib not in (None, "pydoc") and not Path(args.calib).is_file():
+        raise InputError(f"--calib {args.calib}: no such file")
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
+    windows = reference = None
+    if args.eval:
+        windows = _eval_windows(lm.tokenizer, args.eval, args.seq_len, args.eval_windows)
+        reference = clone_model(lm.model)
+    report = compress(lm.model, recipe, None,
+                      on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"))
+    save_compressed(lm.model, args.out, lm.tokenizer)
+    report.extra["model"] = lm.description
+    report.extra["out"] = str(args.out)
+    report.extra["disk_bytes_after"] = dir_bytes(Path(args.out) / WEIGHTS_NAME)
+    if windows is not None:
+        bar = _progress(2 * windows.ids.shape[0], "eval")
+        res = evaluate(lm.model, windows, ref_model=reference, progress=lambda n: bar.update(2 * n))
+        bar.close()
+        report.extra.update(perplexity_before=res.perplexity_ref, perplexity_after=res.perplexity,
+                            kl_divergence=res.kl_divergence, top1_agreement=res.top1_agreement,
+                            eval={"text": windows.description, "windows": res.windows, "seq_len": res.seq_len,
+                                  "tokens": res.tokens})
+    d = report.to_dict()
+    if args.json:
+        _write_json(args.json, d)
+    if args.report:
+        from .recipe.report_md import write_report
+
+        write_report(report, args.report)
+    print(_summary(d))
+    return 0
+
+
+def _summary(d: dict) -> str:
+    out = [f"recipe {d['recipe']}: {d['size_bytes_before'] / 2**20:.1f} MiB -> {d['size_bytes_after'] / 2**20:.1f} MiB "
+           f"(x{d['compression_ratio']:.2f}); on disk {d['disk_bytes_after'] / 2**20:.1f} MiB in {d['out']}"]
+    if "perplexity_after" in d:
+        out.append(f"perplexity {d['perplexity_before']:.3f} -> {d['perplexity_after']:.3f}, "
+                   f"KL {d['kl_divergence']:.4f} nats/token, top-1 agreement {d['top1_agreement']:.4f} "
+                   f"({d['eval']['windows']} x {d['eval']['seq_len']} tokens of {d['eval']['text']})")
+    return "\n".join(out)
+
+
+def cmd_eval(args) -> int:
+    from .eval.perplexity import evaluate
+    from .models import load_model
+
+    lm = load_model(args.model)
+    windows = _eval_windows(lm.tokenizer, args.text, args.seq_len, args.windows)
+    bar = _progress(windows.ids.shape[0], "eval")
+    res = evaluate(lm.model, windows, progress=bar.update)
+    bar.close()
+    d = {"model": lm.description, "text": windows.description, **res.to_dict()}
+    if args.json:
+        _write_json(args.json, d)
+    print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens ({res.windows} x {res.seq_len}) of {windows.description}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from .recipe.schema import load_recipe
+
+    r = load_recipe(args.recipe)
+    print(f"ok: {r.name}: {len(r.stages)} stage(s): " + ", ".join(f"{s.name} ({s.kind})" for s in r.stages))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="torchcompress", description="Compress PyTorch / Hugging Face models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="apply a recipe and save the compressed model")
+    c.add_argument("--model", required=True, help="'default', a model directory, a .gguf file or a compress output")
+    c.add_argument("--recipe", required=True, help="YAML file or bundled recipe name (w4-rtn, w8-rtn)")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--calib", help="calibration text file or 'pydoc' (used by stages that need activations)")
+    c.add_argument("--calib-samples", type=_positive("--calib-samples"), default=128)
+    c.add_argument("--seq-len", type=_positive("--seq-len"), default=512)
+    c.add_argument("--eval", help="text file (or 'pydoc') for perplexity/KL before and after")
+    c.add_argument("--eval-windows", type=_positive("--eval-windows"), default=32)
+    c.add_argument("--json", help="write the report as JSON here")
+    c.add_argument("--report", help="write a Markdown report with plots into this directory")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run (stages that support it)")
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e.add_argument("--model", required=True)
+    e.add_argument("--text", required=True, help="text file or 'pydoc'")
+    e.add_argument("--seq-len", type=_positive("--seq-len"), default=512)
+    e.add_argument("--windows", type=_positive("--windows"), default=32)
+    e.add_argument("--json")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("info", help="what a compressed directory, model directory or .gguf file holds")
+    i.add_argument("path")
+    i.set_defaults(fn=cmd_info)
+
+    r = sub.add_parser("recipe", help="recipe tools")
+    rsub = r.add_subparsers(dest="recipe_command", required=True, parser_class=_Parser)
+    rc = rsub.add_parser("check", help="validate a recipe without running it (exit 2 on error)")
+    rc.add_argument("recipe")
+    rc.set_defaults(fn=cmd_recipe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except InputError as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug or an environment failure: keep the traceback for the report
+        log.debug("unhandled", exc_info=True)
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
