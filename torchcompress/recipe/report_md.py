@@ -120,7 +120,12 @@ def render_markdown(report: Report, has_sqnr_plot: bool) -> str:
         lines += ["Lowest-SQNR layers (where quality is lost first):", "",
                   "| module | SQNR dB | MSE | bits/weight |", "|---|---|---|---|"]
         lines += [f"| {r.module} | {r.sqnr_db:.2f} | {r.mse:.3e} | {r.bits_per_weight:.3f} |" for r in worst]
-        lines.append("")
+        lines += ["", "<details><summary>All layers</summary>", "",
+                  "| stage | module | params | bytes before | bytes after | SQNR dB | bits/weight |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.stage} | {r.module} | {r.params:,} | {r.bytes_before:,} | {r.bytes_after:,} | "
+                  f"{r.sqnr_db:.2f} | {r.bits_per_weight:.3f} |" for r in rows]
+        lines += ["", "</details>", ""]
     return "\n".join(lines)
 
 

@@ -23,8 +23,14 @@ class LList(list):
     lines: list
 
 
+_PLAIN_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def _convert(node, loader, source: str):
     line = node.start_mark.line + 1
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_COLLECTION_TAGS:
+        # e.g. !!python/object/apply: never constructed, refused outright
+        raise RecipeError(f"malformed YAML: tag {node.tag!r} is not allowed in recipes", source, line)
     if isinstance(node, yaml.MappingNode):
         out = LMap()
         out.line, out.lines = line, {}
