@@ -92,3 +92,13 @@ def test_unknown_recipe_name_lists_bundled():
 def test_python_tags_are_refused_not_executed(payload):
     with pytest.raises(RecipeError, match="malformed YAML|not allowed"):
         parse_recipe(payload, "evil.yaml")
+
+
+def test_example_recipes_in_repo_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        assert load_recipe(f).stages
