@@ -62,12 +62,47 @@ def _eval_windows(tokenizer, text_spec: str, seq_len: int, windows: int):
     return make_windows(tokenizer, text, seq_len, windows, desc)
 
 
+RUN_RECORD = "run.json"
+
+
+def _fingerprint(args, recipe) -> str:
+    """What a finished run in --out was made from: model files (names, sizes), recipe, calibration."""
+    import hashlib
+
+    from . import __version__
+    from .models import DEFAULT, default_gguf_path
+
+    src = default_gguf_path() if args.model == DEFAULT else Path(args.model)
+    files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file() and p.name != RUN_RECORD)
+    h = hashlib.sha256()
+    for part in [__version__, repr(recipe.stages), str(args.calib), str(args.calib_samples), str(args.seq_len)]:
+        h.update(part.encode() + b"\0")
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}".encode() + b"\0")
+    return h.hexdigest()
+
+
+def _finished_run(args, fingerprint: str):
+    """With --resume: the record of a finished run in --out made from the same inputs, else None."""
+    record = Path(args.out) / RUN_RECORD
+    if not args.resume or not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{record}: unreadable run record ({e}); remove --resume to start over") from None
+    if data.get("fingerprint") != fingerprint:
+        raise InputError(f"--resume: {args.out} was made from a different model, recipe or data; "
+                         "refusing to resume (remove --resume to overwrite)")
+    return data
+
+
 def cmd_compress(args) -> int:
     from .eval.perplexity import evaluate
     from .eval.size import dir_bytes
     from .formats.checkpoint import WEIGHTS_NAME, save_compressed
     from .models import load_model
-    from .recipe.runner import clone_model, compress
+    from .recipe.runner import Report, clone_model, compress
     from .recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe)  # bad recipes fail before the model loads
@@ -76,13 +111,21 @@ def cmd_compress(args) -> int:
     t0 = time.perf_counter()
     lm = load_model(args.model)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
+    fingerprint = _fingerprint(args, recipe)
+    finished = _finished_run(args, fingerprint)
     windows = reference = None
     if args.eval:
         windows = _eval_windows(lm.tokenizer, args.eval, args.seq_len, args.eval_windows)
-        reference = clone_model(lm.model)
-    report = compress(lm.model, recipe, None,
-                      on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"))
-    save_compressed(lm.model, args.out, lm.tokenizer)
+        reference = clone_model(lm.model) if finished is None else lm.model
+    if finished is not None:
+        _say(f"--resume: {args.out} already holds this run; skipping compression")
+        report = Report.from_dict(finished["report"])
+        lm = load_model(args.out)
+    else:
+        report = compress(lm.model, recipe, None,
+                          on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"))
+        record = {"fingerprint": fingerprint, "report": report.to_dict()}
+        save_compressed(lm.model, args.out, lm.tokenizer, {RUN_RECORD: json.dumps(record, indent=2).encode()})
     report.extra["model"] = lm.description
     report.extra["out"] = str(args.out)
     report.extra["disk_bytes_after"] = dir_bytes(Path(args.out) / WEIGHTS_NAME)
@@ -162,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=_positive("--eval-windows"), default=32)
     c.add_argument("--json", help="write the report as JSON here")
     c.add_argument("--report", help="write a Markdown report with plots into this directory")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run (stages that support it)")
+    c.add_argument("--resume", action="store_true", help="if --out holds a finished run of the same model/recipe/data, reuse it (refused if they differ)")
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")

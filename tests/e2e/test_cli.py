@@ -89,3 +89,18 @@ def test_unwritable_output_dir(tiny_llama_dir, tmp_path):
     rc, so, se = run("compress", "--model", tiny_llama_dir, "--recipe", "w4-rtn", "--out", out)
     assert rc == 2, se
     assert str(out.parent) in se.strip().splitlines()[-1]
+
+
+def test_resume_reuses_a_finished_run_and_refuses_a_different_one(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run("compress", "--model", tiny_llama_dir, "--recipe", "w4-rtn", "--out", out)[0] == 0
+    before = (out / "model.safetensors").read_bytes()
+    rc, so, se = run("compress", "--model", tiny_llama_dir, "--recipe", "w4-rtn", "--out", out, "--resume",
+                     "--json", tmp_path / "r.json")
+    assert rc == 0, se
+    assert "skipping compression" in se
+    assert (out / "model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "r.json").read_text())["stages"][0]["modules"] > 0
+    rc, so, se = run("compress", "--model", tiny_llama_dir, "--recipe", "w8-rtn", "--out", out, "--resume")
+    assert rc == 2 and "refusing to resume" in se
+    assert (out / "model.safetensors").read_bytes() == before  # untouched

@@ -60,8 +60,11 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "save_pretrained") and hasattr(model.config, "to_dict")
 
 
-def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` (compressed in place by the verbs) to ``out_dir`` atomically."""
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (compressed in place by the verbs) to ``out_dir`` atomically.
+
+    ``extra_files`` (name -> bytes) land in the same atomic swap (the CLI's run record)."""
     from safetensors.torch import save_file
 
     manifest = build_manifest(model)
@@ -81,6 +84,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
                 tokenizer.save_pretrained(tmp)
         else:
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return out_dir
 
 

@@ -67,6 +67,17 @@ class Report:
         d.update(d.pop("extra"))
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        """Inverse of :meth:`to_dict` (keys other than the fields go back to ``extra``)."""
+        names = {"recipe", "size_bytes_before", "size_bytes_after", "bytes_by_type_before", "bytes_by_type_after"}
+        rep = cls(**{k: d[k] for k in names if k in d})
+        rep.stages = [StageRecord(**s) for s in d.get("stages", [])]
+        rep.layers = [LayerRecord(**r) for r in d.get("layers", [])]
+        skip = names | {"stages", "layers", "compression_ratio"}
+        rep.extra = {k: v for k, v in d.items() if k not in skip}
+        return rep
+
 
 def _tensor_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values())
