@@ -30,6 +30,9 @@ MANIFEST_NAME = "torchcompress.json"
 
 # manifest "type" -> (module class, describe, rebuild); later module kinds register here.
 MODULE_KINDS = {"QuantLinear": (QuantLinear, quant_linear_manifest, quant_linear_from_manifest)}
+from ..nn.gptq_linear import GPTQLinear, gptq_linear_from_manifest, gptq_linear_manifest  # noqa: E402
+
+MODULE_KINDS["GPTQLinear"] = (GPTQLinear, gptq_linear_manifest, gptq_linear_from_manifest)
 
 
 def build_manifest(model: nn.Module) -> dict:

@@ -1,0 +1,133 @@
+"""GPTQ math: beats RTN on correlated inputs, act-order/g_idx consistency, dead columns, bad Hessians."""
+
+
+import pytest
+import torch
+
+from torchcompress.config import QuantScheme
+from torchcompress.errors import NumericError
+from torchcompress.primitives.affine import dequantize_affine, fake_quantize, quantize_affine
+from torchcompress.primitives.gptq import accumulate_hessian, dequantize_with_g_idx, gptq_quantize, layer_error
+
+
+def _problem(k=192, n=48, t=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    x = torch.randn(t, k, generator=g) @ mix + 0.2 * torch.randn(t, k, generator=g)  # correlated inputs
+    x[:, :3] *= 10  # a few outlier channels, as real activations have
+    w = torch.randn(n, k, generator=g) * 0.05
+    h = accumulate_hessian(torch.zeros(k, k, dtype=torch.float64), x) * (2 / t)
+    return w, x, h
+
+
+def _out_err(w_hat, w, x):
+    return float(((x @ w.T - x @ w_hat.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", [
+    (4, 64, True, False), (4, 64, True, True), (3, 32, False, True), (2, 64, True, False),
+    (8, 64, False, False), (4, 100, True, True),  # 100: partial last group of 192
+])
+def test_output_error_not_worse_than_rtn(bits, group, sym, act_order):
+    w, x, h = _problem()
+    scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym)
+    res = gptq_quantize(w, h, scheme, act_order=act_order, block_size=64)
+    assert not res.fallback
+    gptq_err, rtn_err = _out_err(res.dequantize(), w, x), _out_err(fake_quantize(w, scheme), w, x)
+    assert gptq_err <= rtn_err
+    # measured ratio 0.3-0.7 on this problem; GPTQ must give a real gain, not a tie
+    assert gptq_err < 0.8 * rtn_err
+    assert int(res.codes.max()) < 2 ** bits
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_channel_and_tensor_granularity(granularity):
+    w, x, h = _problem()
+    scheme = QuantScheme(bits=4, granularity=granularity)
+    res = gptq_quantize(w, h, scheme)
+    assert _out_err(res.dequantize(), w, x) < _out_err(fake_quantize(w, scheme), w, x)
+
+
+def test_block_size_does_not_change_the_math():
+    w, _, h = _problem()
+    scheme = QuantScheme(bits=4, group_size=32)
+    a = gptq_quantize(w, h, scheme, block_size=16)
+    b = gptq_quantize(w, h, scheme, block_size=192)
+    # lazy batched updates are the same algebra in a different summation order
+    assert (a.codes != b.codes).float().mean() < 0.01
+    assert torch.allclose(a.dequantize(), b.dequantize(), atol=float(a.scale.float().max()) + 1e-6)
+
+
+def test_act_order_groups_match_g_idx():
+    w, _, h = _problem()
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    res = gptq_quantize(w, h, scheme, act_order=True)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    # groups are consecutive runs of the act-order permutation
+    assert torch.equal(res.g_idx[order].long(), torch.arange(192) // 32)
+    assert not res.sequential_groups
+    # each group's codes reproduce the weights with that group's scale and zero: dequantize by hand
+    manual = (res.codes.float() - res.zero.float()[:, res.g_idx.long()]) * res.scale.float()[:, res.g_idx.long()]
+    assert torch.equal(manual, res.dequantize())
+    # and every code lies on the grid of its group: requantizing the dequantized weight is exact
+    for grp in range(6):
+        cols = (res.g_idx == grp).nonzero().flatten()
+        sub = res.dequantize()[:, cols]
+        s, z = res.scale[:, grp:grp + 1], res.zero[:, grp:grp + 1]
+        from torchcompress.primitives.affine import quantize_with_qparams
+        assert torch.equal(quantize_with_qparams(sub, s, z, 4, cols.numel()), res.codes[:, cols])
+
+
+def test_static_groups_keep_sequential_g_idx():
+    w, x, h = _problem()
+    scheme = QuantScheme(bits=3, group_size=32)
+    res = gptq_quantize(w, h, scheme, act_order=True, static_groups=True)
+    assert res.sequential_groups
+    rtn = quantize_affine(w, scheme)
+    assert torch.equal(res.scale, rtn.scale)  # static: scales of the float weight
+    assert torch.equal(dequantize_affine(res.codes, res.scale, None, 3, 32), res.dequantize())
+    assert _out_err(res.dequantize(), w, x) < _out_err(fake_quantize(w, scheme), w, x)
+
+
+def test_dead_columns_become_zero():
+    w, x, _ = _problem()
+    x[:, [5, 17]] = 0
+    h = accumulate_hessian(torch.zeros(192, 192, dtype=torch.float64), x) * (2 / x.shape[0])
+    res = gptq_quantize(w, h, QuantScheme(bits=4, group_size=64), act_order=True)
+    assert res.dead_columns == 2 and not res.fallback
+    assert res.dequantize()[:, [5, 17]].abs().max() == 0
+
+
+def test_rank_deficient_hessian_gets_more_damping():
+    w, _, _ = _problem()
+    x = torch.randn(8, 192)  # 8 samples: rank 8 of 192
+    h = accumulate_hessian(torch.zeros(192, 192, dtype=torch.float64), x) * (2 / 8)
+    res = gptq_quantize(w, h, QuantScheme(bits=4, group_size=64), damp=0.0)
+    assert not res.fallback and res.damp == pytest.approx(0.1)  # 0 fails; the first retry is 10 x 1%
+
+
+def test_unfactorable_hessian_falls_back_to_rtn(caplog):
+    w, _, _ = _problem()
+    h = -torch.eye(192, dtype=torch.float64)  # negative definite: no damping of the mean diagonal helps
+    scheme = QuantScheme(bits=4, group_size=64)
+    res = gptq_quantize(w, h, scheme)
+    assert res.fallback
+    assert torch.equal(res.dequantize(), fake_quantize(w, scheme))
+
+
+def test_nan_rejected_with_name():
+    w, _, h = _problem()
+    h[3, 3] = float("nan")
+    with pytest.raises(NumericError, match="q_proj.weight Hessian"):
+        gptq_quantize(w, h, QuantScheme(), name="q_proj.weight")
+    with pytest.raises(NumericError, match="shape|needs"):
+        gptq_quantize(w, h[:5, :5], QuantScheme())
+
+
+def test_g_idx_dequant_matches_sequential_affine():
+    codes = torch.randint(0, 16, (4, 70), dtype=torch.uint8)
+    scale = torch.rand(4, 3).half() + 0.1
+    zero = torch.randint(0, 16, (4, 3), dtype=torch.uint8)
+    g_idx = torch.arange(70, dtype=torch.int32) // 32
+    assert torch.equal(dequantize_with_g_idx(codes, scale, zero, g_idx, 4),
+                       dequantize_affine(codes, scale, zero, 4, 32))

@@ -1,0 +1,94 @@
+"""GPTQLinear: a packed :class:`QuantLinear` whose input columns map to groups through ``g_idx``.
+
+GPTQ's act-order quantizes columns by decreasing Hessian diagonal and builds groups in that order,
+so the group of column ``k`` is ``g_idx[k]`` (int32 buffer, (K,)), as in the GPTQ checkpoint
+format. Results without act-order (or with static groups) have ``g_idx == arange(K) // group_size``
+and go into a plain QuantLinear instead (:func:`module_from_gptq`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import Granularity, QuantScheme
+from ..ops import gptq_linear as _gptq_linear_op  # noqa: F401  (registers torchcompress::gptq_linear)
+from ..ops.gptq_linear import dequantize_g_idx_packed
+from ..primitives.packing import pack
+from .quant_linear import QuantLinear
+
+
+class GPTQLinear(QuantLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: QuantScheme = QuantScheme(),
+                 *, device=None, dtype: torch.dtype | None = None):
+        if scheme.granularity is not Granularity.GROUP:
+            raise ValueError("GPTQLinear needs a group-wise scheme (g_idx maps columns to groups)")
+        super().__init__(in_features, out_features, bias, scheme, device=device, dtype=dtype)
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // self.group_size)
+
+    @classmethod
+    def from_gptq(cls, linear: nn.Linear, result, scheme: QuantScheme) -> "GPTQLinear":
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, device="meta")
+        mod.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        mod._set_buffers(result)
+        return mod
+
+    def _set_buffers(self, result) -> None:
+        for key in ("qweight", "scale", "zero", "g_idx"):
+            self._buffers.pop(key, None)
+            self.__dict__.pop(key, None)
+        self.register_buffer("qweight", pack(result.codes, self.scheme.bits))
+        self.register_buffer("scale", result.scale.clone())
+        if result.zero is None:
+            self.zero = None
+        else:
+            self.register_buffer("zero", result.zero.clone())
+        self.register_buffer("g_idx", result.g_idx.to(torch.int32).clone())
+
+    def freeze(self):
+        return self  # always packed
+
+    def unfreeze(self):
+        raise NotImplementedError("GPTQLinear has no float master weight to train; dequantize() it into a Linear")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_g_idx_packed(self.qweight, self.scale, self.zero, self.g_idx, self.scheme.bits,
+                                       self.in_features, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        return torch.ops.torchcompress.gptq_linear(
+            x, self.qweight, self.scale, self.zero, self.g_idx, self.bias, self.scheme.bits, self.in_features)
+
+    def weight_bits(self) -> int:
+        return super().weight_bits() + self.g_idx.numel() * 32
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", g_idx"
+
+
+def gptq_linear_manifest(m: GPTQLinear) -> dict:
+    return {"type": "GPTQLinear", "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "scheme": m.scheme.to_dict()}
+
+
+def gptq_linear_from_manifest(entry: dict, device="meta") -> GPTQLinear:
+    return GPTQLinear(int(entry["in_features"]), int(entry["out_features"]), bool(entry["bias"]),
+                      QuantScheme.from_dict(entry["scheme"]), device=device)
+
+
+def module_from_gptq(linear: nn.Linear, result, scheme: QuantScheme) -> QuantLinear:
+    """The smallest module that computes with ``result``: QuantLinear when groups are sequential."""
+    if result.sequential_groups or scheme.granularity is not Granularity.GROUP:
+        mod = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme, device="meta")
+        mod.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        for key in ("qweight", "scale", "zero"):
+            mod._buffers.pop(key, None)
+            mod.__dict__.pop(key, None)
+        mod.register_buffer("qweight", pack(result.codes, scheme.bits))
+        mod.register_buffer("scale", result.scale.clone())
+        if result.zero is None:
+            mod.zero = None
+        else:
+            mod.register_buffer("zero", result.zero.clone())
+        return mod
+    return GPTQLinear.from_gptq(linear, result, scheme)

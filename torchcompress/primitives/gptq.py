@@ -1,0 +1,194 @@
+"""GPTQ (Frantar et al. 2022) as pure functions: tensors in, tensors out.
+
+For a linear layer ``y = x W^T`` with ``W`` (N, K) and calibration inputs ``X`` (K, T), GPTQ
+quantizes ``W`` one input column at a time and spreads each column's rounding error over the
+columns not yet quantized, weighted by the inverse Hessian ``H^-1`` of the layer-wise squared error
+``||W X - W_hat X||^2`` (``H = 2 X X^T / T``). The column order is fixed, so the updates need only
+the rows of the upper Cholesky factor of ``H^-1``; they are applied lazily, block by block.
+
+The rounding itself is the RTN step of :mod:`.affine` (``compute_qparams`` for a group's scale and
+zero point, ``quantize_with_qparams`` for a column), so GPTQ and RTN codes mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Granularity, QuantScheme
+from ..errors import NumericError
+from .affine import compute_qparams, dequantize_affine, effective_group_size, num_groups, quantize_with_qparams
+
+DAMP_RETRIES = (10.0, 100.0, 1000.0)  # after the requested damping fails: these multiples of max(damp, 1%)
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # (N, K) uint8 unsigned codes, original column order
+    scale: torch.Tensor  # (N, G) scale dtype ((1, 1) per-tensor)
+    zero: torch.Tensor | None  # (N, G) uint8, None when symmetric
+    g_idx: torch.Tensor  # (K,) int32: group of each input column
+    group_size: int
+    damp: float  # damping actually used (fraction of the mean diagonal); nan after RTN fallback
+    fallback: bool  # True: the Hessian could not be factored even with extra damping; RTN used
+    dead_columns: int
+    bits: int
+
+    @property
+    def sequential_groups(self) -> bool:
+        """True when ``g_idx`` is ``arange(K) // group_size`` (plain QuantLinear layout)."""
+        k = self.g_idx.numel()
+        return bool(torch.equal(self.g_idx, torch.arange(k, dtype=torch.int32) // self.group_size))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_with_g_idx(self.codes, self.scale, self.zero, self.g_idx, self.bits, dtype)
+
+
+def dequantize_with_g_idx(codes, scale, zero, g_idx, bits: int, dtype=torch.float32) -> torch.Tensor:
+    """``(codes - zero[:, g_idx]) * scale[:, g_idx]`` for any column -> group map. (N, K)."""
+    if scale.shape == (1, 1):
+        return dequantize_affine(codes, scale, zero, bits, codes.shape[1], dtype)
+    g = g_idx.long()
+    s = scale.float()[:, g]
+    zp = float(1 << (bits - 1)) if zero is None else zero.float()[:, g]
+    return ((codes.float() - zp) * s).to(dtype)
+
+
+def accumulate_hessian(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``h += x^T x`` for inputs ``x`` (T, K) in float64; divide by T and multiply by 2 at the end."""
+    xf = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return h.addmm_(xf.T, xf)
+
+
+def _channel(scheme: QuantScheme) -> QuantScheme:
+    return dataclasses.replace(scheme, granularity=Granularity.CHANNEL)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + d I)^-1`` trying growing damping; (None, nan) if all fail."""
+    k = h.shape[0]
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(k, dtype=h.dtype)
+    for d in (damp,) + tuple(max(damp, 0.01) * m for m in DAMP_RETRIES):
+        hd = h + (d * mean_diag) * eye
+        low, info = torch.linalg.cholesky_ex(hd)
+        if int(info) != 0:
+            continue
+        hinv = torch.cholesky_inverse(low)
+        up, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        if int(info) == 0 and bool(torch.isfinite(up).all()):
+            return up, d
+    return None, float("nan")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    name: str = "weight",
+) -> GPTQResult:
+    """Quantize ``w`` (N, K) with the Hessian ``h`` (K, K) of its inputs.
+
+    ``act_order`` quantizes columns in order of decreasing Hessian diagonal; with dynamic groups
+    (``static_groups=False``) the groups then follow that order and ``g_idx`` records them.
+    ``static_groups`` fixes every group's scale from the unquantized weight before any update, so
+    ``g_idx`` stays ``arange(K) // group_size`` even with act-order.
+    """
+    if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise NumericError(name, f"GPTQ needs W (N, K) and H (K, K); got {tuple(w.shape)} and {tuple(h.shape)}")
+    for t, what in ((w, name), (h, f"{name} Hessian")):
+        if not bool(torch.isfinite(t).all()):
+            raise NumericError(what, "holds NaN/Inf values; refusing to quantize")
+    n, k = w.shape
+    gran = scheme.granularity
+    gs = effective_group_size(scheme, k) if gran is Granularity.GROUP else k
+    W = w.detach().float().clone()
+    H = h.detach().to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0  # an input that is always 0: any weight works; make it exactly 0
+    W[:, dead] = 0.0
+
+    # parameters known up front: per-tensor, per-channel, or static groups (from the float weight)
+    fixed = None
+    if gran is not Granularity.GROUP:
+        fixed = compute_qparams(W, scheme)[:2]
+    elif static_groups:
+        fixed = compute_qparams(W, scheme)[:2]  # (N, G) in original column order
+
+    perm = torch.arange(k)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    U, used = _inverse_cholesky(H, damp)
+    if U is None:
+        return _rtn_fallback(w, scheme, int(dead.sum()))
+    U = U.float()
+
+    G = num_groups(k, gs) if gran is Granularity.GROUP else 1
+    sdtype = scheme.torch_scale_dtype
+    scale = torch.empty(n, G, dtype=sdtype) if fixed is None else fixed[0]
+    zero = None if scheme.symmetric else (torch.empty(n, G, dtype=torch.uint8) if fixed is None else fixed[1])
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    ch = _channel(scheme)
+    cur_s = cur_z = None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # (N, B) columns of this block, updated in place
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i  # position in quantization order
+            orig = int(perm[col])
+            if fixed is not None:
+                if gran is Granularity.GROUP:
+                    grp = orig // gs
+                    s_c, z_c = scale[:, grp:grp + 1], None if zero is None else zero[:, grp:grp + 1]
+                else:  # per-channel (N, 1) or per-tensor (1, 1)
+                    grp = 0
+                    s_c = scale.expand(n, 1) if scale.shape == (1, 1) else scale
+                    z_c = None if zero is None else (zero.expand(n, 1) if zero.shape == (1, 1) else zero)
+            else:
+                grp = col // gs
+                if col % gs == 0:  # a new dynamic group: scale from its columns as updated so far
+                    span = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    cur_s, cur_z, _ = compute_qparams(span, ch)
+                    scale[:, grp:grp + 1] = cur_s
+                    if zero is not None:
+                        zero[:, grp:grp + 1] = cur_z
+                s_c, z_c = cur_s, cur_z
+            g_idx[orig] = grp
+            wc = W1[:, i:i + 1]  # (N, 1)
+            q = quantize_with_qparams(wc, s_c, z_c, scheme.bits, 1)
+            codes[:, orig] = q[:, 0]
+            wq = dequantize_affine(q, s_c, z_c, scheme.bits, 1)
+            err = (wc - wq) / U1[i, i]  # (N, 1)
+            W1[:, i:] -= err @ U1[i:i + 1, i:]
+            E1[:, i:i + 1] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of the later blocks
+    return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits)
+
+
+def _rtn_fallback(w: torch.Tensor, scheme: QuantScheme, dead: int) -> GPTQResult:
+    from .affine import quantize_affine
+
+    q = quantize_affine(w, scheme)
+    k = w.shape[1]
+    g_idx = torch.arange(k, dtype=torch.int32) // q.group_size
+    if scheme.granularity is not Granularity.GROUP:
+        g_idx.zero_()
+    return GPTQResult(q.codes, q.scale, q.zero, g_idx, q.group_size, float("nan"), True, dead, scheme.bits)
+
+
+def layer_error(w_hat: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    """``trace((W - W_hat) H (W - W_hat)^T)``: the layer's squared output error on the calibration set."""
+    d = (w.double() - w_hat.double())
+    return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
