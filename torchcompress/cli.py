@@ -97,6 +97,35 @@ def _finished_run(args, fingerprint: str):
     return data
 
 
+def _calib_config(args, recipe):
+    """The calibration set the recipe needs (default: text sampled from the model), else None."""
+    if not any(getattr(s.config, "needs_calibration", False) for s in recipe.stages):
+        return None
+    from .calibration import CalibrationConfig, parse_sources
+
+    names, weights = parse_sources(args.calib or "self")
+    for name in names:
+        if name not in ("self", "pydoc") and not name.startswith("hf:") and not any(c in name for c in "*?[") \
+                and not Path(name).is_file():
+            raise InputError(f"--calib {name}: no such file (give a file, a glob, 'self', 'pydoc' or hf:NAME[:SPLIT[:COLUMN]])")
+    return CalibrationConfig(sources=names, weights=weights, num_samples=args.calib_samples, seq_len=args.seq_len)
+
+
+def _build_calib(cfg, lm):
+    if cfg is None:
+        return None
+    from .calibration import build_calibration
+
+    if lm.tokenizer is None:
+        raise InputError("the model has no tokenizer; calibration data needs one")
+    t0 = time.perf_counter()
+    calib = build_calibration(cfg, lm.model, lm.tokenizer)
+    d = calib.describe()
+    _say(f"calibration: {d['samples']} x {d['seq_len']} ({d['tokens']} tokens) from "
+         + "; ".join(s["description"] for s in d["sources"]) + f" in {time.perf_counter() - t0:.1f}s")
+    return calib
+
+
 def cmd_compress(args) -> int:
     from .eval.perplexity import evaluate
     from .eval.size import dir_bytes
@@ -106,8 +135,7 @@ def cmd_compress(args) -> int:
     from .recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe)  # bad recipes fail before the model loads
-    if args.calib not in (None, "pydoc") and not Path(args.calib).is_file():
-        raise InputError(f"--calib {args.calib}: no such file")
+    calib_cfg = _calib_config(args, recipe)  # bad --calib specs fail before the model loads
     t0 = time.perf_counter()
     lm = load_model(args.model)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
@@ -122,8 +150,11 @@ def cmd_compress(args) -> int:
         report = Report.from_dict(finished["report"])
         lm = load_model(args.out)
     else:
-        report = compress(lm.model, recipe, None,
+        calib = _build_calib(calib_cfg, lm)
+        report = compress(lm.model, recipe, calib,
                           on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"))
+        if calib is not None:
+            report.extra["calibration"] = calib.describe()
         record = {"fingerprint": fingerprint, "report": report.to_dict()}
         save_compressed(lm.model, args.out, lm.tokenizer, {RUN_RECORD: json.dumps(record, indent=2).encode()})
     report.extra["model"] = lm.description
@@ -198,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="'default', a model directory, a .gguf file or a compress output")
     c.add_argument("--recipe", required=True, help="YAML file or bundled recipe name (w4-rtn, w8-rtn)")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
-    c.add_argument("--calib", help="calibration text file or 'pydoc' (used by stages that need activations)")
+    c.add_argument("--calib", help="calibration data for stages that need activations: a text file, a glob, "
+                   "'self' (text sampled from the model; the default), 'pydoc', hf:NAME[:SPLIT[:COLUMN]], "
+                   "a chat .jsonl or a pre-tokenized .safetensors; mix with SRC@WEIGHT,SRC@WEIGHT")
     c.add_argument("--calib-samples", type=_positive("--calib-samples"), default=128)
     c.add_argument("--seq-len", type=_positive("--seq-len"), default=512)
     c.add_argument("--eval", help="text file (or 'pydoc') for perplexity/KL before and after")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -140,3 +140,37 @@ class QATConfig:
 
 # The one name -> config class table for recipes (`kind:` of a stage). Techniques add theirs here.
 STAGE_KINDS: dict[str, type] = {"rtn": RTNConfig, "qat_prepare": QATConfig}
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ (Hessian-aware) weight quantization, layer by layer on calibration data.
+
+    ``damp``: fraction of the mean Hessian diagonal added to it; ``block_size``: columns per lazy
+    update; ``act_order``: quantize columns by decreasing Hessian diagonal (groups follow, ``g_idx``);
+    ``static_groups``: group scales from the float weight (sequential ``g_idx`` even with act-order);
+    ``true_sequential``: quantize a block's linears in execution order, each seeing the quantized
+    outputs of the ones before.
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    needs_calibration: ClassVar[bool] = True  # the CLI builds calibration data for such stages
+
+    def __post_init__(self):
+        if not isinstance(self.scheme, QuantScheme):
+            raise ConfigError("scheme", f"must be a QuantScheme, got {type(self.scheme).__name__}")
+        if _check_int("block_size", self.block_size) < 1:
+            raise ConfigError("block_size", f"must be a positive integer, got {self.block_size}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp <= 10:
+            raise ConfigError("damp", f"must be a number in [0, 10] (fraction of the mean Hessian diagonal), got {self.damp!r}")
+        for name in ("act_order", "static_groups", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+
+
+STAGE_KINDS["gptq"] = GPTQConfig

@@ -105,6 +105,18 @@ def _run_quantize(model: nn.Module, stage: Stage, records: list, calib_data) -> 
 _RUNNERS: dict[type, Callable] = {RTNConfig: _run_quantize, QATConfig: _run_quantize}
 
 
+def _run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..calibration.runner import gptq_model
+
+    gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
+               on_module=_record_quant(stage, records))
+
+
+from ..config import GPTQConfig  # noqa: E402
+
+_RUNNERS[GPTQConfig] = _run_gptq
+
+
 def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Callable | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place and return a :class:`Report`.
 
