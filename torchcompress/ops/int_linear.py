@@ -4,9 +4,9 @@ Declared once as a ``torch.library`` custom op with a fake (meta) implementation
 ``torch.compile`` traces through it, and an autograd formula for the activation gradient (LoRA on a
 quantized base needs dL/dx; the packed weight itself is frozen).
 
-Implementations: the pure-PyTorch reference below is the only one so far. Faster kernels (native
-CPU, Triton) plug in at :func:`int_linear`'s body, chosen by :func:`selected_backend`, and must match
-the reference.
+Implementations: the pure-PyTorch reference below, and the fast kernels chosen in
+:mod:`torchcompress.ops.fastpath` (native CPU extension, Triton on CUDA), which must match it.
+``TORCHCOMPRESS_KERNEL=reference`` forces the reference.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..primitives.affine import dequantize_affine
 from ..primitives.packing import unpack
-from .backend import selected_backend
+from .backend import Backend, selected_backend
+from .fastpath import int_linear_fast
 
 
 def dequantize_packed(
@@ -51,9 +52,12 @@ def int_linear(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    # selected_backend() validates TORCHCOMPRESS_KERNEL; with no fast kernel registered yet, both
-    # AUTO and REFERENCE resolve to the reference implementation.
-    selected_backend()
+    # selected_backend() validates TORCHCOMPRESS_KERNEL; AUTO tries the fast kernels (ops/fastpath.py)
+    # and falls back to the reference where none applies.
+    if selected_backend() is Backend.AUTO:
+        out = int_linear_fast(x, qweight, scale, zero, bias, bits, group_size, in_features)
+        if out is not None:
+            return out
     return _reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
 
 

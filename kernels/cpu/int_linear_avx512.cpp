@@ -1,0 +1,194 @@
+// AVX-512 kernels (F, BW, VL, DQ + FMA, F16C). Compiled for that target with a pragma, whatever the
+// global flags, and only called after cpu_has_avx512() said yes at run time.
+//
+// GEMV (small batch): per output row and group, accumulate sum_k x_k * code_k in 16 fp32 lanes for
+// up to 8 rows of x at once, then  y += scale * acc - scale * zero * sum_k x_k  (the group sums of x
+// are precomputed once per call). For 4 bits, x is pre-split into even and odd columns so that the
+// low and high nibbles of 16 bytes meet their activations without shuffles.
+#include "int_linear.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TC_HAVE_X86 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")
+#endif
+#include <immintrin.h>
+#endif
+
+namespace tc_kernels {
+
+#ifdef TC_HAVE_X86
+namespace {
+
+inline float scale_at(const Problem& p, int64_t n, int64_t g) {
+  const int64_t i = n * p.s_rs + g * p.s_gs;
+  if (p.st == ScaleType::F16) return _cvtsh_ss(static_cast<const uint16_t*>(p.scale)[i]);
+  if (p.st == ScaleType::BF16) return bf16_to_float(static_cast<const uint16_t*>(p.scale)[i]);
+  return static_cast<const float*>(p.scale)[i];
+}
+
+inline __mmask16 first_n(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// out[m0:m0+MB, n0:n1] for 4-bit codes.
+template <int MB>
+void int4_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qw + n * p.row_bytes;
+    __m512 tot[MB];
+    float corr[MB];
+    for (int m = 0; m < MB; ++m) { tot[m] = _mm512_setzero_ps(); corr[m] = 0.0f; }
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t c0 = g * p.gs;
+      const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;  // groups start on a byte (simd_supported)
+      __m512 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < nb; j += 16) {
+        const __m128i raw = (j + 16 <= nb) ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b0 + j))
+                                           : _mm_maskz_loadu_epi8(first_n(nb - j), row + b0 + j);
+        const __m512i b = _mm512_cvtepu8_epi32(raw);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, nib));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        for (int m = 0; m < MB; ++m) {
+          const int64_t off = (m0 + m) * q.ldx + b0 + j;
+          acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(q.xa + off), acc[m]);
+          acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.xb + off), acc[m]);
+        }
+      }
+      const float s = scale_at(p, n, g);
+      const float sz = s * load_zero(p, n, g);
+      const __m512 vs = _mm512_set1_ps(s);
+      for (int m = 0; m < MB; ++m) {
+        tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
+        corr[m] += sz * q.gsum[(m0 + m) * p.G + g];
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = (_mm512_reduce_add_ps(tot[m]) - corr[m]) + bias;
+  }
+}
+
+// out[m0:m0+MB, n0:n1] for 8-bit codes.
+template <int MB>
+void int8_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qw + n * p.row_bytes;
+    __m512 tot[MB];
+    float corr[MB];
+    for (int m = 0; m < MB; ++m) { tot[m] = _mm512_setzero_ps(); corr[m] = 0.0f; }
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t c0 = g * p.gs;
+      const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      __m512 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < len; j += 16) {
+        const __m128i raw = (j + 16 <= len) ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c0 + j))
+                                            : _mm_maskz_loadu_epi8(first_n(len - j), row + c0 + j);
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+        for (int m = 0; m < MB; ++m)
+          acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(q.xa + (m0 + m) * q.ldx + c0 + j), acc[m]);
+      }
+      const float s = scale_at(p, n, g);
+      const float sz = s * load_zero(p, n, g);
+      const __m512 vs = _mm512_set1_ps(s);
+      for (int m = 0; m < MB; ++m) {
+        tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
+        corr[m] += sz * q.gsum[(m0 + m) * p.G + g];
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = (_mm512_reduce_add_ps(tot[m]) - corr[m]) + bias;
+  }
+}
+
+template <int MB>
+void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
+  if (p.bits == 4) int4_rows<MB>(p, q, m0, n0, n1);
+  else int8_rows<MB>(p, q, m0, n0, n1);
+}
+
+}  // namespace
+
+void gemv_rows_avx512(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
+  // Rows in blocks small enough to stay in L1 while every 8-row slice of x passes over them.
+  constexpr int64_t kRowBlock = 8;
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = (nb + kRowBlock < n1) ? nb + kRowBlock : n1;
+    for (int64_t m0 = 0; m0 < p.M; m0 += 8) {
+      switch (p.M - m0 >= 8 ? 8 : p.M - m0) {
+        case 1: rows_mb<1>(p, q, m0, nb, ne); break;
+        case 2: rows_mb<2>(p, q, m0, nb, ne); break;
+        case 3: rows_mb<3>(p, q, m0, nb, ne); break;
+        case 4: rows_mb<4>(p, q, m0, nb, ne); break;
+        case 5: rows_mb<5>(p, q, m0, nb, ne); break;
+        case 6: rows_mb<6>(p, q, m0, nb, ne); break;
+        case 7: rows_mb<7>(p, q, m0, nb, ne); break;
+        default: rows_mb<8>(p, q, m0, nb, ne); break;
+      }
+    }
+  }
+}
+
+// Dequantize rows into dst (natural column order); writes may run up to 32 floats past K.
+void dequant_rows_avx512(const Problem& p, int64_t n0, int64_t n1, float* dst, int64_t ldd) {
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qw + n * p.row_bytes;
+    float* d = dst + (n - n0) * ldd;
+    for (int64_t g = 0; g < p.G; ++g) {  // in increasing order: a group's overrun is rewritten by the next
+      const int64_t c0 = g * p.gs;
+      const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      const __m512 vs = _mm512_set1_ps(scale_at(p, n, g));
+      const __m512 vz = _mm512_set1_ps(load_zero(p, n, g));
+      if (p.bits == 4) {
+        const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;
+        for (int64_t j = 0; j < nb; j += 16) {
+          const __m128i raw = (j + 16 <= nb) ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b0 + j))
+                                             : _mm_maskz_loadu_epi8(first_n(nb - j), row + b0 + j);
+          const __m512i b = _mm512_cvtepu8_epi32(raw);
+          const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nib)), vz), vs);
+          const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), vz), vs);
+          _mm512_storeu_ps(d + 2 * (b0 + j), _mm512_permutex2var_ps(lo, even, hi));
+          _mm512_storeu_ps(d + 2 * (b0 + j) + 16, _mm512_permutex2var_ps(lo, odd, hi));
+        }
+      } else {
+        for (int64_t j = 0; j < len; j += 16) {
+          const __m128i raw = (j + 16 <= len) ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c0 + j))
+                                              : _mm_maskz_loadu_epi8(first_n(len - j), row + c0 + j);
+          const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+          _mm512_storeu_ps(d + c0 + j, _mm512_mul_ps(_mm512_sub_ps(w, vz), vs));
+        }
+      }
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+#else  // not x86-64 GCC/Clang: never selected
+
+void gemv_rows_avx512(const Problem&, const Prepared&, int64_t, int64_t) {}
+void dequant_rows_avx512(const Problem&, int64_t, int64_t, float*, int64_t) {}
+bool cpu_has_avx512() { return false; }
+
+#endif
+
+}  // namespace tc_kernels
+
+#ifdef TC_HAVE_X86
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

@@ -1,0 +1,46 @@
+"""Fast-path selection for ``torchcompress::int_linear``.
+
+:func:`int_linear_fast` returns the fast kernel's result, or ``None`` when no fast kernel applies, in
+which case the op runs the pure-PyTorch reference. ``TORCHCOMPRESS_KERNEL=reference`` skips it.
+
+* CPU: the native extension (:mod:`torchcompress.ops.native`) for 4- and 8-bit codes; fp32, bf16 and
+  fp16 activations (computed in fp32, rounded once at the end).
+* CUDA: Triton kernels (:mod:`torchcompress.ops.triton.int_linear`), imported on first CUDA call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+CPU_BITS = (4, 8)
+TRITON_BITS = (2, 4, 8)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def int_linear_fast(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> Optional[torch.Tensor]:
+    if x.dtype not in FLOAT_DTYPES or x.shape[-1] != in_features:
+        return None
+    dev = x.device.type
+    if dev == "cpu" and bits in CPU_BITS and qweight.device.type == "cpu":
+        from .native import load_native
+
+        ext = load_native()
+        if ext is None:
+            return None
+        return ext.int_linear(x, qweight, scale, zero, bias, bits, group_size, in_features)
+    if dev == "cuda" and bits in TRITON_BITS:
+        from .triton.int_linear import triton_int_linear  # imports triton; CUDA only
+
+        return triton_int_linear(x, qweight, scale, zero, bias, bits, group_size, in_features)
+    return None
