@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchcompress as tc
 from torchcompress import QuantLinear, QuantScheme
 from torchcompress.errors import ConfigError, NumericError
+from torchcompress.ops.backend import Backend
 from torchcompress.primitives.affine import fake_quantize, quantize_affine
 from torchcompress.primitives.packing import pack, packed_len
 
@@ -19,6 +20,8 @@ TOL = {  # (rtol, atol) against an fp32 reference, per input dtype
     torch.float16: (5e-3, 5e-3),
     torch.bfloat16: (3e-2, 3e-2),
 }
+
+KERNELS = [b.value for b in Backend]  # "auto" and "reference"
 
 GRANS = {
     "tensor": dict(granularity="tensor"),
@@ -40,18 +43,23 @@ def make_ql(in_f=40, out_f=24, bias=True, **scheme_kw) -> tuple[nn.Linear, Quant
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("gran", list(GRANS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-def test_forward_matches_dequantized_linear(bits, gran, symmetric, bias, dtype):
+def test_forward_matches_dequantized_linear(bits, gran, symmetric, bias, dtype, monkeypatch):
     # in_features=40 is not a multiple of 16: partial last group; 3-D input (B, T, K)
     _, ql = make_ql(40, 24, bias, bits=bits, symmetric=symmetric, **GRANS[gran])
     assert ql.is_packed
     x = torch.randn(2, 3, 40)
-    y = ql(x.to(dtype))
-    assert y.shape == (2, 3, 24) and y.dtype == dtype
     ref = F.linear(x, ql.dequantize(torch.float32), ql.bias).detach()
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y.float(), ref, rtol=rtol, atol=atol * float(ref.abs().max()))
-    if dtype == torch.float32:  # the same computation: exactly the dequantized linear
-        assert torch.equal(y, F.linear(x, ql.dequantize(dtype), ql.bias))
+    # every kernel the machine offers (auto: the fast path where one applies) against the reference
+    for kernel in KERNELS:
+        monkeypatch.setenv("TORCHCOMPRESS_KERNEL", kernel)
+        with torch.no_grad():
+            y = ql(x.to(dtype))
+        assert y.shape == (2, 3, 24) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, rtol=rtol, atol=atol * float(ref.abs().max()), msg=kernel)
+        if kernel == "reference" and dtype == torch.float32:
+            # the reference is literally the dequantized linear
+            assert torch.equal(y, F.linear(x, ql.dequantize(dtype), ql.bias))
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -132,7 +140,10 @@ def test_kernel_env_var(monkeypatch):
     x = torch.randn(3, 40)
     y = ql(x)
     monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "reference")
-    assert torch.equal(ql(x), y)
+    assert torch.equal(ql(x), F.linear(x, ql.dequantize(), ql.bias))
+    torch.testing.assert_close(ql(x), y, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("TORCHCOMPRESS_KERNEL", " Reference ")  # case and spaces do not matter
+    torch.testing.assert_close(ql(x), y, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "bogus")
     with pytest.raises(ConfigError) as ei:
         ql(x)
@@ -218,7 +229,7 @@ def test_qat_training_reduces_loss(opt_name):
     with torch.no_grad():
         fake = student(x)
         student.freeze()
-        assert torch.equal(student(x), fake)
+        torch.testing.assert_close(student(x), fake, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -234,19 +245,23 @@ def test_freeze_packs_and_matches_fake_quant_forward(bits, gran, symmetric):
     assert ql.qweight.dtype == torch.uint8 and ql.qweight.shape == (24, packed_len(40, bits))
     assert (ql.zero is None) == symmetric
     assert [n for n, _ in ql.named_parameters()] == ["bias"]
-    assert torch.equal(ql(x), y_fake)
+    with torch.no_grad():
+        y_packed = ql(x)
+    torch.testing.assert_close(y_packed, y_fake, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ql.dequantize(), fake_quantize(lin.weight.detach(), ql.scheme), rtol=0, atol=0)
     # the packed layer equals an RTN from_linear of the same master weight
     direct = QuantLinear.from_linear(lin, ql.scheme)
     assert torch.equal(ql.qweight, direct.qweight) and torch.equal(ql.scale, direct.scale)
     ql.freeze()  # no-op when packed
-    assert torch.equal(ql(x), y_fake)
+    with torch.no_grad():
+        assert torch.equal(ql(x), y_packed)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_unfreeze_gives_trainable_dequantized_master(symmetric):
     _, ql = make_ql(40, 24, bits=4, group_size=16, symmetric=symmetric)
     x = torch.randn(5, 40)
-    y_packed = ql(x)
+    y_packed = ql(x).detach()
     w_hat = ql.dequantize()
     assert ql.unfreeze() is ql
     assert not ql.is_packed
@@ -294,10 +309,11 @@ def test_partial_last_group_quantize_pack_forward_save_load(tmp_path, symmetric)
     # the last (64-wide) group carries its own scale, from its own 64 weights
     lin0 = nn.Linear(576, 96)
     with torch.no_grad():
-        lin0.weight[:, 512:] *= 1e-3
+        lin0.weight[:, 512:] *= 0.05
     small_tail = QuantLinear.from_linear(lin0, ql.scheme)
-    assert torch.equal(small_tail.scale[:, 4], (lin0.weight[:, 512:].abs().amax(1) / 7).half()) if symmetric else True
-    assert float(small_tail.scale[:, 4].float().max()) < 1e-2 * float(small_tail.scale[:, :4].float().min())
+    assert float(small_tail.scale[:, 4].float().max()) < 0.2 * float(small_tail.scale[:, :4].float().min())
+    if symmetric:
+        assert torch.equal(small_tail.scale[:, 4], (lin0.weight[:, 512:].abs().amax(1) / 7).half())
     tc.save_compressed(model, tmp_path / "ckpt")
     with torch.device("meta"):
         skeleton = nn.Sequential(nn.Linear(576, 96), nn.ReLU(), nn.Linear(96, 576))
