@@ -1,0 +1,89 @@
+"""GGUF block formats as pure tensor functions: ``quantize`` to bytes, ``dequantize`` from bytes.
+
+Bit-exact with ggml's reference quantizers (``quantize_row_*_ref``); see :mod:`gguf_legacy` and
+:mod:`gguf_kquants` for the per-type math and layouts.
+
+    >>> data = quantize(torch.randn(8, 512), GGMLType.Q4_K)    # (8, 2*144) uint8
+    >>> w = dequantize(data, GGMLType.Q4_K, (8, 512))          # (8, 512) float32
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, NumericError
+from . import gguf_kquants as _k
+from . import gguf_legacy as _l
+from .gguf_common import LAYOUTS, GGMLType, row_bytes
+
+_QUANT = {
+    GGMLType.Q4_0: _l.quantize_q4_0,
+    GGMLType.Q4_1: _l.quantize_q4_1,
+    GGMLType.Q5_0: _l.quantize_q5_0,
+    GGMLType.Q5_1: _l.quantize_q5_1,
+    GGMLType.Q8_0: _l.quantize_q8_0,
+    GGMLType.Q8_1: _l.quantize_q8_1,
+    GGMLType.Q2_K: _k.quantize_q2_k,
+    GGMLType.Q3_K: _k.quantize_q3_k,
+    GGMLType.Q4_K: _k.quantize_q4_k,
+    GGMLType.Q5_K: _k.quantize_q5_k,
+    GGMLType.Q6_K: _k.quantize_q6_k,
+}
+_DEQUANT = {
+    GGMLType.Q4_0: _l.dequantize_q4_0,
+    GGMLType.Q4_1: _l.dequantize_q4_1,
+    GGMLType.Q5_0: _l.dequantize_q5_0,
+    GGMLType.Q5_1: _l.dequantize_q5_1,
+    GGMLType.Q8_0: _l.dequantize_q8_0,
+    GGMLType.Q8_1: _l.dequantize_q8_1,
+    GGMLType.Q2_K: _k.dequantize_q2_k,
+    GGMLType.Q3_K: _k.dequantize_q3_k,
+    GGMLType.Q4_K: _k.dequantize_q4_k,
+    GGMLType.Q5_K: _k.dequantize_q5_k,
+    GGMLType.Q6_K: _k.dequantize_q6_k,
+}
+
+
+def can_quantize(qtype: GGMLType, n_per_row: int) -> bool:
+    return n_per_row % LAYOUTS[GGMLType(qtype)].block_size == 0
+
+
+def quantize(x: torch.Tensor, qtype: GGMLType, name: str = "tensor") -> torch.Tensor:
+    """(..., K) float -> (..., row_bytes) uint8 in ggml's layout for ``qtype`` (F32/F16/BF16 too)."""
+    qtype = GGMLType(qtype)
+    if x.numel() == 0:
+        raise NumericError(name, "is empty")
+    if not torch.isfinite(x).all():
+        raise NumericError(name, "contains NaN or Inf; refusing to quantize")
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        dt = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[qtype]
+        return x.detach().to(torch.float32).to(dt).contiguous().view(torch.uint8).reshape(*lead, -1)
+    if qtype not in _QUANT:
+        raise ConfigError("qtype", f"cannot quantize to {qtype.name}")
+    if not can_quantize(qtype, k):
+        raise ConfigError(
+            "qtype", f"{name}: rows of {k} weights are not a multiple of {qtype.name}'s block of {LAYOUTS[qtype].block_size}"
+        )
+    out = _QUANT[qtype](x.reshape(-1, k))
+    return out.reshape(*lead, row_bytes(qtype, k))
+
+
+def dequantize(data: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 bytes of a ``qtype`` tensor with logical ``shape`` -> float32 tensor of that shape."""
+    qtype = GGMLType(qtype)
+    shape = tuple(int(s) for s in shape)
+    k = shape[-1]
+    n = 1
+    for s in shape:
+        n *= s
+    flat = data.reshape(-1).contiguous()
+    if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        dt = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[qtype]
+        return flat.view(dt).to(torch.float32).reshape(shape)
+    if qtype not in _DEQUANT:
+        raise ConfigError("qtype", f"cannot dequantize {qtype.name}")
+    lay = LAYOUTS[qtype]
+    if k % lay.block_size or flat.numel() != n // lay.block_size * lay.type_size:
+        raise ConfigError("data", f"{flat.numel()} bytes do not hold a {qtype.name} tensor of shape {shape}")
+    return _DEQUANT[qtype](flat.reshape(-1, lay.type_size)).reshape(shape)
