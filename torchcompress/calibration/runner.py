@@ -215,6 +215,7 @@ def gptq_model(
         # the next block's inputs: this block's outputs with its quantized weights
         for i in range(len(inputs.hidden)):
             inputs.hidden[i] = _run_block(block, inputs, i, dev).detach().cpu()
+        log.info("gptq: block %d/%d done (%d linears)", b + 1, len(blocks), len(linears))
         if on_block is not None:
             on_block(b, len(blocks))
     return model
