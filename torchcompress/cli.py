@@ -151,12 +151,23 @@ def cmd_compress(args) -> int:
         lm = load_model(args.out)
     else:
         calib = _build_calib(calib_cfg, lm)
+        state_dir = Path(f"{args.out}.state")  # per-block state of calibrated stages: a killed run resumes
+        if calib is not None:
+            if state_dir.exists() and not args.resume:
+                import shutil
+
+                shutil.rmtree(state_dir)
+            calib.state_dir = state_dir
         report = compress(lm.model, recipe, calib,
                           on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"))
         if calib is not None:
             report.extra["calibration"] = calib.describe()
         record = {"fingerprint": fingerprint, "report": report.to_dict()}
         save_compressed(lm.model, args.out, lm.tokenizer, {RUN_RECORD: json.dumps(record, indent=2).encode()})
+        if calib is not None and state_dir.exists():
+            import shutil
+
+            shutil.rmtree(state_dir)
     report.extra["model"] = lm.description
     report.extra["out"] = str(args.out)
     report.extra["disk_bytes_after"] = dir_bytes(Path(args.out) / WEIGHTS_NAME)
@@ -238,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=_positive("--eval-windows"), default=32)
     c.add_argument("--json", help="write the report as JSON here")
     c.add_argument("--report", help="write a Markdown report with plots into this directory")
-    c.add_argument("--resume", action="store_true", help="if --out holds a finished run of the same model/recipe/data, reuse it (refused if they differ)")
+    c.add_argument("--resume", action="store_true", help="if --out holds a finished run of the same model/recipe/data, reuse it; "
+                   "a killed GPTQ run continues from OUT.state after its last finished block (refused if they differ)")
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")

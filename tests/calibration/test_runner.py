@@ -115,3 +115,42 @@ def test_two_process_hessian_equals_one_process(tmp_path):
     for r in range(2):
         h2 = torch.load(f"{tmp_path / 'h'}.{r}", weights_only=True)
         torch.testing.assert_close(h2, h1, rtol=1e-12, atol=1e-12)  # float64 sums of the same float32 products
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_bit_identical_and_refuses_changes(setup, tmp_path):
+    from torchcompress.errors import InputError
+
+    ref, calib, _ = setup
+    cfg = GPTQConfig(QuantScheme(bits=3, group_size=32), act_order=True)
+    whole = gptq_model(copy.deepcopy(ref), cfg, calib)
+
+    def kill(b, n):
+        if b == 0:
+            raise _Killed  # dies right after block 0 was recorded
+
+    state = tmp_path / "state"
+    with pytest.raises(_Killed):
+        gptq_model(copy.deepcopy(ref), cfg, calib, state_dir=state, on_block=kill)
+    assert (state / "block-0.safetensors").is_file() and not (state / "block-1.safetensors").exists()
+    seen = []
+    resumed = gptq_model(copy.deepcopy(ref), cfg, calib, state_dir=state, on_block=lambda b, n: seen.append(b))
+    assert seen == [1]  # block 0 came from disk
+    sd_a, sd_b = whole.state_dict(), resumed.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    # a different config, data or model is refused
+    with pytest.raises(InputError, match="refusing to resume"):
+        gptq_model(copy.deepcopy(ref), GPTQConfig(QuantScheme(bits=4, group_size=32)), calib, state_dir=state)
+    other = CalibrationSet(calib.input_ids.flip(0), calib.attention_mask.flip(0))
+    with pytest.raises(InputError, match="refusing to resume"):
+        gptq_model(copy.deepcopy(ref), cfg, other, state_dir=state)
+    changed = copy.deepcopy(ref)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(InputError, match="refusing to resume"):
+        gptq_model(changed, cfg, calib, state_dir=state)

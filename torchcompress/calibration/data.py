@@ -81,6 +81,7 @@ class CalibrationSet:
     input_ids: torch.Tensor  # (N, L) int64, right-padded
     attention_mask: torch.Tensor  # (N, L) int64, 1 on real tokens
     sources: list = field(default_factory=list)  # [{"source", "description", "samples", "weight"}]
+    state_dir: object = None  # where layer-by-layer stages keep resume state (one subdirectory per stage)
 
     @property
     def lengths(self) -> torch.Tensor:  # (N,)

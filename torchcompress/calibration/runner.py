@@ -164,8 +164,13 @@ def gptq_model(
     batch_size: int = 8,
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    state_dir=None,
 ) -> nn.Module:
-    """GPTQ-quantize the decoder blocks' linears of ``model`` in place with ``calib`` (a CalibrationSet)."""
+    """GPTQ-quantize the decoder blocks' linears of ``model`` in place with ``calib`` (a CalibrationSet).
+
+    With ``state_dir``, every finished block is recorded there (:mod:`.resume`) and a later call with
+    the same model, data and config continues after the last finished block, bit-identically.
+    """
     from ..api import DEFAULT_IGNORE
     from ..targets import set_submodule
 
@@ -177,8 +182,24 @@ def gptq_model(
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     chosen = {n: m for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear}
     dev = next(model.parameters()).device
+    state = None
+    if state_dir is not None:
+        from .resume import BlockState, run_fingerprint
+
+        state = BlockState(state_dir, run_fingerprint(model, calib, cfg, targets, ignore))
     inputs = capture_first_inputs(model, blocks, calib.batches(batch_size))
+    if state is not None and state.done:
+        log.info("gptq: resuming after block %d/%d from %s", state.done, len(blocks), state.dir)
+        for b in range(state.done):
+            for n, new in state.load_block(b).items():
+                old = model.get_submodule(f"{prefix}.{b}.{n}")
+                set_submodule(model, f"{prefix}.{b}.{n}", new.to(dev))
+                if on_module is not None:
+                    on_module(f"{prefix}.{b}.{n}", old, new)
+        inputs.hidden = state.load_inputs()
     for b, block in enumerate(blocks):
+        if state is not None and b < state.done:
+            continue
         bprefix = f"{prefix}.{b}."
         linears = {n[len(bprefix):]: m for n, m in chosen.items() if n.startswith(bprefix)}
         if linears:
@@ -215,6 +236,8 @@ def gptq_model(
         # the next block's inputs: this block's outputs with its quantized weights
         for i in range(len(inputs.hidden)):
             inputs.hidden[i] = _run_block(block, inputs, i, dev).detach().cpu()
+        if state is not None:
+            state.save_block(b, {n: block.get_submodule(n) for n in linears}, inputs.hidden)
         log.info("gptq: block %d/%d done (%d linears)", b + 1, len(blocks), len(linears))
         if on_block is not None:
             on_block(b, len(blocks))

@@ -108,8 +108,9 @@ _RUNNERS: dict[type, Callable] = {RTNConfig: _run_quantize, QATConfig: _run_quan
 def _run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
     from ..calibration.runner import gptq_model
 
+    state = getattr(calib_data, "state_dir", None)
     gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
-               on_module=_record_quant(stage, records))
+               on_module=_record_quant(stage, records), state_dir=None if state is None else f"{state}/{stage.name}")
 
 
 from ..config import GPTQConfig  # noqa: E402
