@@ -67,19 +67,21 @@ def _channel(scheme: QuantScheme) -> QuantScheme:
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of ``(H + d I)^-1`` trying growing damping; (None, nan) if all fail."""
+    """Upper Cholesky factor of ``(H + d I)^-1`` trying growing damping; (None, nan) if all fail.
+
+    Each damping level is tried in float32 (fast, what the reference does) and then float64."""
     k = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(k, dtype=h.dtype)
     for d in (damp,) + tuple(max(damp, 0.01) * m for m in DAMP_RETRIES):
-        hd = h + (d * mean_diag) * eye
-        low, info = torch.linalg.cholesky_ex(hd)
-        if int(info) != 0:
-            continue
-        hinv = torch.cholesky_inverse(low)
-        up, info = torch.linalg.cholesky_ex(hinv, upper=True)
-        if int(info) == 0 and bool(torch.isfinite(up).all()):
-            return up, d
+        for dtype in (torch.float32, torch.float64):
+            hd = h.to(dtype) + (d * mean_diag) * torch.eye(k, dtype=dtype)
+            low, info = torch.linalg.cholesky_ex(hd)
+            if int(info) != 0:
+                continue
+            hinv = torch.cholesky_inverse(low)
+            up, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(up).all()):
+                return up, d
     return None, float("nan")
 
 
@@ -144,6 +146,7 @@ def gptq_quantize(
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()  # (N, B) columns of this block, updated in place
         E1 = torch.zeros_like(W1)
+        Q1 = torch.empty(n, i2 - i1, dtype=torch.uint8)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i  # position in quantization order
@@ -165,15 +168,21 @@ def gptq_quantize(
                     if zero is not None:
                         zero[:, grp:grp + 1] = cur_z
                 s_c, z_c = cur_s, cur_z
-            g_idx[orig] = grp
             wc = W1[:, i:i + 1]  # (N, 1)
             q = quantize_with_qparams(wc, s_c, z_c, scheme.bits, 1)
-            codes[:, orig] = q[:, 0]
+            Q1[:, i] = q[:, 0]
             wq = dequantize_affine(q, s_c, z_c, scheme.bits, 1)
             err = (wc - wq) / U1[i, i]  # (N, 1)
             W1[:, i:] -= err @ U1[i:i + 1, i:]
             E1[:, i:i + 1] = err
+        codes[:, perm[i1:i2]] = Q1
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of the later blocks
+    if gran is not Granularity.GROUP:
+        g_idx.zero_()
+    elif fixed is not None:  # static groups: by original column
+        g_idx = torch.arange(k, dtype=torch.int32) // gs
+    else:  # dynamic groups: by position in the quantization order
+        g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
     return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits)
 
 
