@@ -109,6 +109,11 @@ def render_markdown(report: Report, has_sqnr_plot: bool) -> str:
         e = d["eval"]
         lines += ["", f"Evaluation text: {e['text']}; {e['windows']} windows of {e['seq_len']} tokens "
                       f"({e['tokens']} predicted tokens)."]
+    if "calibration" in d:
+        c = d["calibration"]
+        srcs = "; ".join(f"{s['description']} ({s['samples']} samples)" for s in c["sources"])
+        lines += ["", f"Calibration data: {c['samples']} x {c['seq_len']} ({c['tokens']} tokens) from {srcs}; "
+                      f"sha256 {c['sha256'][:16]}."]
     lines += ["", "## Stages", "", "| stage | kind | modules | seconds |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.kind} | {s.modules} | {s.seconds:.2f} |" for s in report.stages]
     lines += ["", "## Bytes by module type", "", "![bytes by module type](bytes_by_type.png)", ""]
