@@ -65,6 +65,7 @@ def _to(obj, device):
     return obj
 
 
+@torch.no_grad()
 def capture_first_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> BlockInputs:
     dev = next(model.parameters()).device
     got = BlockInputs([], [], [])
@@ -154,6 +155,7 @@ def _linear_groups(block: nn.Module, linears: dict[str, nn.Linear], inputs: Bloc
     return order + ([missing] if missing else [])
 
 
+@torch.no_grad()
 def gptq_model(
     model: nn.Module,
     cfg: GPTQConfig,
