@@ -109,17 +109,15 @@ void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
     });
     return;
   }
-  // Zero-padded fp32 activations (split into even/odd columns for 4 bits) and per-group sums.
+  // Zero-padded fp32 activations, split into even/odd columns for 4 bits.
   const bool four = p.bits == 4;
   const int64_t width = four ? (K + 1) / 2 : K;
   const int64_t ldx = round_up(width, 16) + 16;
   at::Tensor xa = at::zeros({M, ldx}, x.options());
   at::Tensor xb = four ? at::zeros({M, ldx}, x.options()) : at::Tensor();
-  at::Tensor gsum = at::empty({M, p.G}, x.options());
   const float* xs = x.data_ptr<float>();
   float* pa = xa.data_ptr<float>();
   float* pb = four ? xb.data_ptr<float>() : nullptr;
-  float* pg = gsum.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* r = xs + m * K;
     if (four) {
@@ -127,17 +125,11 @@ void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
     } else {
       std::memcpy(pa + m * ldx, r, static_cast<size_t>(K) * sizeof(float));
     }
-    for (int64_t g = 0; g < p.G; ++g) {
-      double s = 0.0;
-      for (int64_t k = g * p.gs; k < std::min(K, (g + 1) * p.gs); ++k) s += r[k];
-      pg[m * p.G + g] = static_cast<float>(s);
-    }
   }
   Prepared q;
   q.xa = pa;
   q.xb = pb;
   q.ldx = ldx;
-  q.gsum = pg;
   at::parallel_for(0, p.N, row_grain(p), [&](int64_t b, int64_t e) {
     if (isa == Isa::Avx512) gemv_rows_avx512(p, q, b, e);
     else gemv_rows_avx2(p, q, b, e);
@@ -149,9 +141,10 @@ void run_tiled(Problem& p, const at::Tensor& x, at::Tensor& out, Isa isa) {
   if (!simd_supported(p)) isa = Isa::Portable;
   const int64_t ldd = round_up(K + 1, 16) + 32;  // room for the SIMD dequantizers' overrun
   // One parallel region (a barrier per tile costs milliseconds on a busy machine): each thread
-  // dequantizes its rows in tiles that stay in L2 (~512 KB) and multiplies them single-threaded
-  // (at::mm inside a parallel region runs on the calling thread).
-  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 17) / ldd, 8, 256);
+  // dequantizes its rows in tiles of ~4 MB (cache resident, and large enough that each at::mm call
+  // is efficient) and multiplies them single-threaded (at::mm inside a parallel region runs on the
+  // calling thread).
+  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 20) / ldd, 16, 512);
   const int64_t grain = std::max<int64_t>(rows, 1);
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     at::Tensor tile = at::empty({rows, ldd}, x.options());
@@ -201,6 +194,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchcompress native CPU kernels (int_linear: fused dequant + GEMV / tiled GEMM)";
   m.def("int_linear", &tc_kernels::int_linear, "y = x @ dequant(qweight)^T + bias", py::arg("x"), py::arg("qweight"),
         py::arg("scale"), py::arg("zero"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
-        py::arg("in_features"), py::arg("isa") = "auto", py::arg("path") = "auto", py::arg("gemv_max_batch") = 16);
+        py::arg("in_features"), py::arg("isa") = "auto", py::arg("path") = "auto", py::arg("gemv_max_batch") = 32);
   m.def("available_isas", &tc_kernels::available_isas, "instruction sets usable on this CPU, best first");
 }

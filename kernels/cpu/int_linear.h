@@ -37,12 +37,10 @@ struct Problem {
 // Activations prepared once per call and shared by all rows (all fp32, zero padded):
 //   int8: xa = x, row stride ldx >= K + 16
 //   int4: xa = even columns x[:, 0::2], xb = odd columns x[:, 1::2], row stride ldx >= ceil(K/2) + 16
-//   gsum (M, G): the sum of x over each group, for the zero-point correction
 struct Prepared {
   const float* xa = nullptr;
   const float* xb = nullptr;
   int64_t ldx = 0;
-  const float* gsum = nullptr;
 };
 
 // Portable scalar helpers (also used by the SIMD files for per-group scalars).

@@ -41,6 +41,13 @@ inline __m256i load8_u8(const uint8_t* p, int64_t avail) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
 }
 
+// Lanes 0..avail-1 set (all when avail >= 8): tail lanes past a group must add nothing.
+inline __m256 lanes_below(int64_t avail) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(avail < 8 ? avail : 8)), iota));
+}
+
+// Per group: acc += (c - zero) * x (exact small integers in fp32), then total += scale * acc.
 template <int MB>
 void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
   const __m256i nib = _mm256_set1_epi32(0xF);
@@ -48,19 +55,24 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qw + n * p.row_bytes;
     __m256 tot[MB];
-    float corr[MB];
-    for (int m = 0; m < MB; ++m) { tot[m] = _mm256_setzero_ps(); corr[m] = 0.0f; }
+    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t c0 = g * p.gs;
       const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      const __m256 vz = _mm256_set1_ps(load_zero(p, n, g));
       __m256 acc[MB];
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
       if (four) {
         const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;
         for (int64_t j = 0; j < nb; j += 8) {
           const __m256i b = load8_u8(row + b0 + j, nb - j);
-          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, nib));
-          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vz);
+          __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
+          if (j + 8 > nb) {
+            const __m256 keep = lanes_below(nb - j);
+            lo = _mm256_and_ps(lo, keep);
+            hi = _mm256_and_ps(hi, keep);
+          }
           for (int m = 0; m < MB; ++m) {
             const int64_t off = (m0 + m) * q.ldx + b0 + j;
             acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(q.xa + off), acc[m]);
@@ -69,21 +81,17 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
         }
       } else {
         for (int64_t j = 0; j < len; j += 8) {
-          const __m256 w = _mm256_cvtepi32_ps(load8_u8(row + c0 + j, len - j));
+          __m256 w = _mm256_sub_ps(_mm256_cvtepi32_ps(load8_u8(row + c0 + j, len - j)), vz);
+          if (j + 8 > len) w = _mm256_and_ps(w, lanes_below(len - j));
           for (int m = 0; m < MB; ++m)
             acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(q.xa + (m0 + m) * q.ldx + c0 + j), acc[m]);
         }
       }
-      const float s = scale_at(p, n, g);
-      const float sz = s * load_zero(p, n, g);
-      const __m256 vs = _mm256_set1_ps(s);
-      for (int m = 0; m < MB; ++m) {
-        tot[m] = _mm256_fmadd_ps(acc[m], vs, tot[m]);
-        corr[m] += sz * q.gsum[(m0 + m) * p.G + g];
-      }
+      const __m256 vs = _mm256_set1_ps(scale_at(p, n, g));
+      for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(acc[m], vs, tot[m]);
     }
     const float bias = p.bias ? p.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = (hsum(tot[m]) - corr[m]) + bias;
+    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = hsum(tot[m]) + bias;
   }
 }
 

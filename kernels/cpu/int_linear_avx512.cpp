@@ -1,10 +1,13 @@
 // AVX-512 kernels (F, BW, VL, DQ + FMA, F16C). Compiled for that target with a pragma, whatever the
 // global flags, and only called after cpu_has_avx512() said yes at run time.
 //
-// GEMV (small batch): per output row and group, accumulate sum_k x_k * code_k in 16 fp32 lanes for
-// up to 8 rows of x at once, then  y += scale * acc - scale * zero * sum_k x_k  (the group sums of x
-// are precomputed once per call). For 4 bits, x is pre-split into even and odd columns so that the
-// low and high nibbles of 16 bytes meet their activations without shuffles.
+// GEMV (small batch), 16 fp32 lanes, several rows of x per pass over a weight row:
+//   4 bits: per group, a register holds the 16 possible weights (c - zero) * scale and vpermps looks
+//           the nibbles up; x is pre-split into even and odd columns so that the low and high
+//           nibbles of 16 bytes meet their activations without shuffles.
+//   8 bits: per group, acc += (c - zero) * x, then total += scale * acc.
+// Both compute with exactly the reference's dequantized weights (no zero-point folding, which
+// loses accuracy when x has a non-zero mean).
 #include "int_linear.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -32,43 +35,42 @@ inline float scale_at(const Problem& p, int64_t n, int64_t g) {
 
 inline __mmask16 first_n(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
-// out[m0:m0+MB, n0:n1] for 4-bit codes.
+// out[m0:m0+MB, n0:n1] for 4-bit codes. Per group, the 16 possible weights (c - zero) * scale are
+// one register (exactly the reference's fp32 weights), and vpermps looks the nibbles up in it.
 template <int MB>
 void int4_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
-  const __m512i nib = _mm512_set1_epi32(0xF);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qw + n * p.row_bytes;
     __m512 tot[MB];
-    float corr[MB];
-    for (int m = 0; m < MB; ++m) { tot[m] = _mm512_setzero_ps(); corr[m] = 0.0f; }
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t c0 = g * p.gs;
       const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
       const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;  // groups start on a byte (simd_supported)
-      __m512 acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(load_zero(p, n, g))),
+                                         _mm512_set1_ps(scale_at(p, n, g)));
       for (int64_t j = 0; j < nb; j += 16) {
-        const __m128i raw = (j + 16 <= nb) ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b0 + j))
-                                           : _mm_maskz_loadu_epi8(first_n(nb - j), row + b0 + j);
-        const __m512i b = _mm512_cvtepu8_epi32(raw);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, nib));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        __m512 lo, hi;
+        if (j + 16 <= nb) {
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b0 + j)));
+          lo = _mm512_permutexvar_ps(b, table);  // uses index bits 0..3: the low nibble
+          hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+        } else {  // tail: lanes past the group must add nothing (x there belongs to the next group)
+          const __mmask16 k = first_n(nb - j);
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, row + b0 + j));
+          lo = _mm512_maskz_permutexvar_ps(k, b, table);
+          hi = _mm512_maskz_permutexvar_ps(k, _mm512_srli_epi32(b, 4), table);
+        }
         for (int m = 0; m < MB; ++m) {
           const int64_t off = (m0 + m) * q.ldx + b0 + j;
-          acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(q.xa + off), acc[m]);
-          acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.xb + off), acc[m]);
+          tot[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(q.xa + off), tot[m]);
+          tot[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.xb + off), tot[m]);
         }
-      }
-      const float s = scale_at(p, n, g);
-      const float sz = s * load_zero(p, n, g);
-      const __m512 vs = _mm512_set1_ps(s);
-      for (int m = 0; m < MB; ++m) {
-        tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
-        corr[m] += sz * q.gsum[(m0 + m) * p.G + g];
       }
     }
     const float bias = p.bias ? p.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = (_mm512_reduce_add_ps(tot[m]) - corr[m]) + bias;
+    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(tot[m]) + bias;
   }
 }
 
@@ -78,30 +80,29 @@ void int8_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int6
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qw + n * p.row_bytes;
     __m512 tot[MB];
-    float corr[MB];
-    for (int m = 0; m < MB; ++m) { tot[m] = _mm512_setzero_ps(); corr[m] = 0.0f; }
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t c0 = g * p.gs;
       const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      const __m512 vz = _mm512_set1_ps(load_zero(p, n, g));
       __m512 acc[MB];
       for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
       for (int64_t j = 0; j < len; j += 16) {
-        const __m128i raw = (j + 16 <= len) ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c0 + j))
-                                            : _mm_maskz_loadu_epi8(first_n(len - j), row + c0 + j);
-        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+        __m512 w;
+        if (j + 16 <= len) {
+          w = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c0 + j)))), vz);
+        } else {  // tail: lanes past the group must add nothing
+          const __mmask16 k = first_n(len - j);
+          w = _mm512_maskz_sub_ps(k, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, row + c0 + j))), vz);
+        }
         for (int m = 0; m < MB; ++m)
           acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(q.xa + (m0 + m) * q.ldx + c0 + j), acc[m]);
       }
-      const float s = scale_at(p, n, g);
-      const float sz = s * load_zero(p, n, g);
-      const __m512 vs = _mm512_set1_ps(s);
-      for (int m = 0; m < MB; ++m) {
-        tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
-        corr[m] += sz * q.gsum[(m0 + m) * p.G + g];
-      }
+      const __m512 vs = _mm512_set1_ps(scale_at(p, n, g));
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
     }
     const float bias = p.bias ? p.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = (_mm512_reduce_add_ps(tot[m]) - corr[m]) + bias;
+    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(tot[m]) + bias;
   }
 }
 
@@ -114,21 +115,24 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
 }  // namespace
 
 void gemv_rows_avx512(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
-  // Rows in blocks small enough to stay in L1 while every 8-row slice of x passes over them.
+  // Rows in blocks small enough to stay in L1 while every slice of x passes over them. 4 bits keep
+  // one accumulator per row of x (up to 16 per pass); 8 bits two (a group's and the total: up to 8).
   constexpr int64_t kRowBlock = 8;
+  const int64_t widest = p.bits == 4 ? 16 : 8;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = (nb + kRowBlock < n1) ? nb + kRowBlock : n1;
-    for (int64_t m0 = 0; m0 < p.M; m0 += 8) {
-      switch (p.M - m0 >= 8 ? 8 : p.M - m0) {
+    for (int64_t m0 = 0; m0 < p.M;) {
+      const int64_t left = p.M - m0;
+      const int64_t mb = left >= widest ? widest : left >= 8 ? 8 : left >= 4 ? 4 : left;
+      switch (mb) {
         case 1: rows_mb<1>(p, q, m0, nb, ne); break;
         case 2: rows_mb<2>(p, q, m0, nb, ne); break;
         case 3: rows_mb<3>(p, q, m0, nb, ne); break;
         case 4: rows_mb<4>(p, q, m0, nb, ne); break;
-        case 5: rows_mb<5>(p, q, m0, nb, ne); break;
-        case 6: rows_mb<6>(p, q, m0, nb, ne); break;
-        case 7: rows_mb<7>(p, q, m0, nb, ne); break;
-        default: rows_mb<8>(p, q, m0, nb, ne); break;
+        case 8: rows_mb<8>(p, q, m0, nb, ne); break;
+        default: int4_rows<16>(p, q, m0, nb, ne); break;
       }
+      m0 += mb;
     }
   }
 }
