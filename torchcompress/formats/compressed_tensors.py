@@ -1,0 +1,119 @@
+"""Export to compressed-tensors ``pack-quantized`` (as llm-compressor writes it; transformers and
+vLLM load it with ``quant_method: compressed-tensors``).
+
+Per quantized Linear ``name`` the checkpoint holds:
+
+* ``name.weight_packed`` int32 (N, ceil(K*b/32)): the unsigned codes ``q + 2^(b-1)`` as one
+  little-endian bit stream per row, which is exactly our :func:`..primitives.packing.pack` byte
+  stream padded to whole 32-bit words;
+* ``name.weight_scale`` (N, G); ``name.weight_shape`` int64 [N, K];
+* asymmetric only: ``name.weight_zero_point`` int32, the signed zero point ``z - 2^(b-1)`` packed
+  the same way along the output dimension (ceil(N*b/32), G);
+Act-order results with non-sequential groups are refused (compressed-tensors removed that layout);
+static groups (sequential ``g_idx``) export as plain group quantization.
+
+One ``config_groups`` entry per distinct scheme, targeting its modules by exact name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Granularity
+from ..errors import FormatError
+from ..nn.gptq_linear import GPTQLinear
+from ..nn.quant_linear import QuantLinear
+from ..primitives.packing import pack, unpack
+from .atomic import atomic_directory
+
+FORMAT = "pack-quantized"
+
+
+def _as_int32_words(packed: torch.Tensor) -> torch.Tensor:
+    """(R, B) uint8 little-endian bit stream -> (R, ceil(B/4)) int32 words (same bits)."""
+    pad = (-packed.shape[-1]) % 4
+    return F.pad(packed, (0, pad)).contiguous().view(torch.int32)
+
+
+def _weights_args(m: QuantLinear) -> dict:
+    s = m.scheme
+    strategy = {Granularity.GROUP: "group", Granularity.CHANNEL: "channel", Granularity.TENSOR: "tensor"}[s.granularity]
+    return {"num_bits": s.bits, "type": "int", "symmetric": s.symmetric, "strategy": strategy,
+            "group_size": s.group_size if strategy == "group" else None,
+            "actorder": None,
+            "dynamic": False, "observer": "minmax", "block_structure": None}
+
+
+def _tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
+    bits, n, k = m.scheme.bits, m.out_features, m.in_features
+    codes = unpack(m.qweight, bits, k)  # (N, K) unsigned
+    out = {f"{name}.weight_packed": _as_int32_words(pack(codes, bits)),
+           f"{name}.weight_scale": m.scale.clone(),
+           f"{name}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    if m.zero is not None:
+        # signed zero points, packed along the output dimension (columns of the transposed (G, N))
+        zp_u = m.zero.T.contiguous()  # (G, N) unsigned = signed + 2^(b-1)
+        out[f"{name}.weight_zero_point"] = _as_int32_words(pack(zp_u, bits)).T.contiguous()
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias.detach().clone()
+    return out
+
+
+def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a Hugging Face model with packed QuantLinear/GPTQLinear layers as compressed-tensors."""
+    from safetensors.torch import save_file
+
+    if not (hasattr(model, "config") and hasattr(model.config, "to_dict")):
+        raise FormatError(str(out_dir), "compressed-tensors export needs a Hugging Face model (with .config)")
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quant:
+        raise FormatError(str(out_dir), "the model has no quantized Linear layer to export")
+    groups: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in quant.items():
+        if not m.is_packed:
+            raise FormatError(name, "is a fake-quant QuantLinear; call freeze_(model) first")
+        if isinstance(m, GPTQLinear) and not torch.equal(m.g_idx, torch.arange(m.in_features, dtype=torch.int32) // m.group_size):
+            raise FormatError(name, "act-order groups (non-sequential g_idx) are not loadable by compressed-tensors "
+                              "(actorder 'group' was removed); quantize with static_groups: true, or export GPTQ")
+        args = _weights_args(m)
+        if args["strategy"] == "group" and m.in_features % m.scheme.group_size:
+            raise FormatError(name, f"in_features {m.in_features} is not a multiple of group_size "
+                              f"{m.scheme.group_size}; compressed-tensors has no partial groups (use a group size "
+                              "that divides every layer's width, e.g. 64 for SmolLM2)")
+        key = json.dumps(args, sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": args, "input_activations": None,
+                                "output_activations": None, "format": FORMAT})["targets"].append(name)
+        tensors.update(_tensors(name, m))
+    skip = tuple(f"{n}." for n in quant)
+    seen = {}
+    for key, t in model.state_dict().items():
+        if key.startswith(skip):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen and t.numel():
+            continue  # tied (lm_head = embeddings): transformers re-ties from tie_word_embeddings
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    ignore = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    qcfg = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+            "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+            "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
