@@ -131,3 +131,32 @@ def test_g_idx_dequant_matches_sequential_affine():
     g_idx = torch.arange(70, dtype=torch.int32) // 32
     assert torch.equal(dequantize_with_g_idx(codes, scale, zero, g_idx, 4),
                        dequantize_affine(codes, scale, zero, 4, 32))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 70), (5, 3)])
+def test_tiny_shapes(n, k):
+    w = torch.randn(n, k)
+    x = torch.randn(64, k)
+    h = accumulate_hessian(torch.zeros(k, k, dtype=torch.float64), x) * (2 / 64)
+    for scheme in (QuantScheme(bits=4, group_size=32), QuantScheme(bits=3, granularity="channel", symmetric=False)):
+        res = gptq_quantize(w, h, scheme, act_order=True, block_size=16)
+        assert res.codes.shape == (n, k) and torch.isfinite(res.dequantize()).all()
+        assert layer_error(res.dequantize(), w, h) <= layer_error(fake_quantize(w, scheme), w, h) * (1 + 1e-6) + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights(dtype):
+    w, x, h = _problem()
+    scheme = QuantScheme(bits=4, group_size=64)
+    res = gptq_quantize(w.to(dtype), h, scheme)
+    assert _out_err(res.dequantize(), w.to(dtype).float(), x) < _out_err(fake_quantize(w.to(dtype).float(), scheme), w.to(dtype).float(), x)
+
+
+def test_all_zero_rows_and_tiny_weights():
+    w, x, h = _problem()
+    w[0] = 0
+    w[1] = 1e-30
+    res = gptq_quantize(w, h, QuantScheme(bits=4, group_size=64, symmetric=False))
+    deq = res.dequantize()
+    assert torch.isfinite(deq).all() and deq[0].abs().max() == 0
+    assert torch.isfinite(res.scale.float()).all() and (res.scale.float() > 0).all()
