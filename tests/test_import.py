@@ -9,24 +9,19 @@ import sys
 HEAVY = ("transformers", "triton", "opentelemetry")
 
 
-def _heavy_modules_after(code: str) -> list[str]:
-    """Run ``code`` in a fresh interpreter; return the heavy modules it imported."""
-    script = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    mods = json.loads(res.stdout.strip().splitlines()[-1])
-    assert "torchcompress" in mods
-    return [m for m in mods if m.split(".")[0] in HEAVY]
+def _heavy(mods) -> list[str]:
+    return sorted(m for m in mods if m.split(".")[0] in HEAVY)
 
 
-def test_import_is_lean():
-    assert _heavy_modules_after("import torchcompress") == []
-
-
-def test_core_use_is_lean():
-    # quantizing, saving and loading a plain module never needs transformers
-    code = (
-        "import tempfile, torch, torchcompress as tc\n"
+def test_import_and_core_use_are_lean():
+    # one fresh interpreter (importing torch twice would double this test's cost): the heavy
+    # modules after `import torchcompress`, then after quantizing, running, saving and loading a
+    # plain module, none of which needs transformers or opentelemetry
+    script = (
+        "import json, sys, tempfile\n"
+        "import torchcompress as tc\n"
+        "after_import = sorted(sys.modules)\n"
+        "import torch\n"
         "m = torch.nn.Sequential(torch.nn.Linear(16, 8))\n"
         "tc.quantize_(m, tc.QuantScheme(bits=4, group_size=8))\n"
         "m(torch.randn(2, 16))\n"
@@ -35,8 +30,16 @@ def test_core_use_is_lean():
         "with torch.device('meta'):\n"
         "    s = torch.nn.Sequential(torch.nn.Linear(16, 8))\n"
         "tc.load_compressed(d, s)\n"
+        "print(json.dumps([after_import, sorted(sys.modules)]))\n"
     )
-    assert _heavy_modules_after(code) == []
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    after_import, after_use = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "torchcompress" in after_import and "torchcompress.nn.quant_linear" in after_import
+    assert _heavy(after_import) == []
+    # After a forward, triton may be present: torch itself imports torch._dynamo (and through it
+    # triton, when installed) on the first call of any torch.library.custom_op. Not ours to avoid.
+    assert [m for m in _heavy(after_use) if not m.startswith("triton")] == []
 
 
 def test_public_names():
