@@ -48,15 +48,16 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         diff = diff.abs() if use_mad else diff * diff
         return _acc(w[i] * diff[i] for i in range(n))
 
-    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
-    best = error(scale, mn, L.to(torch.float32))
+    # Codes here are iscale*(x - min) with |.| <= ~nmax+1, far below 2^22, where ggml's nearest_int
+    # equals round-half-even: torch.round on floats saves the int round trip in this hot loop.
+    L = torch.round(iscale * (x - mn)).clamp_(0, nmax)
+    best = error(scale, mn, L)
     for step in range(nstep + 1):
         # the C loop uses the *current* min (updated below when a step wins) for range and codes
         f = np.float32
         c = float(f(rmin) + f(rdelta) * f(step) + f(nmax))  # float32 throughout, as in C
         iscale = cdiv(c, mx - mn)
-        laux = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
-        lf = laux.to(torch.float32)
+        lf = torch.round(iscale * (x - mn)).clamp_(0, nmax)
         wl = w * lf
         sum_l = _acc(wl[i] for i in range(n))
         sum_l2 = _acc(wl[i] * lf[i] for i in range(n))
@@ -69,12 +70,12 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, this_min, lf)
         upd = (D > 0) & (cur < best)
-        L = torch.where(upd, laux, L)
+        L = torch.where(upd, lf, L)
         best = torch.where(upd, cur, best)
         scale = torch.where(upd, this_scale, scale)
         mn = torch.where(upd, this_min, mn)
     zero = torch.zeros_like(scale)
-    L = torch.where(flat, torch.zeros_like(L), L)
+    L = torch.where(flat, torch.zeros_like(L), L).to(torch.int32)
     scale = torch.where(flat, zero, scale)
     return scale, -mn, L
 
