@@ -1,8 +1,10 @@
 """QuantLinear CPU forward time as a ratio to an fp32 ``nn.Linear`` of the same shape.
 
 All variants of a shape and batch are measured side by side in one process, interleaved
-(fp32, W4 sym, W4 asym, W8, fp32, ...) so that machine noise hits them alike; each cell is the
-median over ``--repeats`` rounds. The package never imports this file.
+(fp32, W4 sym, W4 asym, W8, ..., W4 through the reference, fp32, ...) so that machine noise hits
+them alike; each cell is the median over ``--repeats`` rounds. ``W4 ref`` is the W4 g128 sym layer
+forced onto the pure-PyTorch reference in the same run, so native vs reference vs fp32 is one
+table. The package never imports this file.
 
     python benchmarks/bench_linear.py                      # default shapes, batches 1 and 16
     python benchmarks/bench_linear.py --repeats 9 --shapes 576x1536,4096x4096
@@ -27,7 +29,29 @@ SCHEMES = {
     "W4 g128 sym": QuantScheme(bits=4, group_size=128, symmetric=True),
     "W4 g128 asym": QuantScheme(bits=4, group_size=128, symmetric=False),
     "W8 channel": QuantScheme(bits=8, granularity="channel"),
+    "W8 g128 sym": QuantScheme(bits=8, group_size=128, symmetric=True),
 }
+REFERENCE_OF = "W4 g128 sym"  # also timed through the pure-PyTorch reference, as "W4 ref"
+
+
+class ForcedReference(nn.Module):
+    """Runs a QuantLinear with ``TORCHCOMPRESS_KERNEL=reference`` (read per call by the op), so that the
+    native kernel and the reference are timed side by side in one process."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        old = os.environ.get("TORCHCOMPRESS_KERNEL")
+        os.environ["TORCHCOMPRESS_KERNEL"] = "reference"
+        try:
+            return self.inner(x)
+        finally:
+            if old is None:
+                del os.environ["TORCHCOMPRESS_KERNEL"]
+            else:
+                os.environ["TORCHCOMPRESS_KERNEL"] = old
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -63,6 +87,7 @@ def bench_shape(k: int, n: int, batch: int, repeats: int, warmup: int, target_s:
     mods: dict[str, nn.Module] = {"fp32": lin}
     for name, scheme in SCHEMES.items():
         mods[name] = QuantLinear.from_linear(lin, scheme).eval()
+    mods["W4 ref"] = ForcedReference(mods[REFERENCE_OF])
     x = torch.randn(batch, k)
     times: dict[str, list[float]] = {name: [] for name in mods}
     with torch.inference_mode():
@@ -99,7 +124,7 @@ def main(argv=None) -> None:
     kernel = os.environ.get("TORCHCOMPRESS_KERNEL", "auto")
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, repeats {args.repeats} (median), "
           f"TORCHCOMPRESS_KERNEL={kernel}; ratio = QuantLinear time / fp32 nn.Linear time")
-    cols = list(SCHEMES)
+    cols = list(SCHEMES) + ["W4 ref"]
     header = f"{'shape (in x out)':>17} {'batch':>5} {'fp32 ms':>9} " + " ".join(f"{c + ' ms (x)':>22}" for c in cols)
     print(header)
     print("-" * len(header))
@@ -109,6 +134,8 @@ def main(argv=None) -> None:
             base = med["fp32"]
             cells = " ".join(f"{med[c] * 1e3:>12.3f} ({med[c] / base:>6.1f}x)" for c in cols)
             print(f"{f'{k}x{n}':>17} {b:>5} {base * 1e3:>9.3f} {cells}", flush=True)
+            speedups = ", ".join(f"{c} {base / med[c]:.2f}x" for c in cols)
+            print(f"{'':>17} {'':>5} {'speedup vs fp32:':>9} {speedups}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 CPU_BITS = (4, 8)
-TRITON_BITS = (2, 4, 8)
+TRITON_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -1,0 +1,162 @@
+"""Greedy decoding speed of SmolLM2-135M-Instruct on CPU through transformers: float vs W4 (and Q4_0).
+
+Variants, all built from the same float model and timed interleaved in one process (round r times
+every variant once), median over rounds:
+
+* ``float``        the unmodified fp32 model;
+* ``W4 g128``      every Linear but lm_head -> QuantLinear (RTN, 4 bits, group 128, symmetric), default
+                   kernels (the native CPU extension when it builds);
+* ``W4 g128 ref``  the same modules, forced onto the pure-PyTorch reference (TORCHCOMPRESS_KERNEL);
+* ``Q4_0``         every Linear but lm_head -> GGUFLinear Q4_0, when torchcompress.nn.gguf_linear exists;
+* ``llama.cpp``    the bundled .gguf through llama-cpp-python, when installed (its own weights file,
+                   so not the same quantization; printed for orientation only).
+
+Decode tokens/s = (new_tokens - 1) / (time(new_tokens) - time(1 token)): the prompt's prefill is
+subtracted out. The W4 outputs are also checked to be the same tokens with either kernel.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_generate.py --new-tokens 32 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+PROMPT = "Write a short paragraph about why the sky is blue, for a curious ten-year-old."
+
+
+def quantize_w4(model: nn.Module) -> nn.Module:
+    import torchcompress as tc
+
+    return tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=4, group_size=128, symmetric=True)), ignore=["lm_head"])
+
+
+def quantize_q4_0(model: nn.Module):
+    try:
+        from torchcompress.nn.gguf_linear import GGUFLinear
+        from torchcompress.primitives.gguf_common import GGMLType
+    except ImportError as e:
+        return None, f"skipped ({e})"
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not full.endswith("lm_head"):
+                setattr(mod, child_name, GGUFLinear.from_linear(child, GGMLType.Q4_0, name=full))
+    return model, ""
+
+
+class Forced:
+    """Calls ``fn`` with TORCHCOMPRESS_KERNEL set to ``kernel`` (the op reads it per call)."""
+
+    def __init__(self, kernel: str | None):
+        self.kernel = kernel
+
+    def __enter__(self):
+        self.old = os.environ.get("TORCHCOMPRESS_KERNEL")
+        if self.kernel is not None:
+            os.environ["TORCHCOMPRESS_KERNEL"] = self.kernel
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("TORCHCOMPRESS_KERNEL", None)
+        else:
+            os.environ["TORCHCOMPRESS_KERNEL"] = self.old
+
+
+def generate(model, ids, n: int, kernel: str | None) -> tuple[float, torch.Tensor]:
+    with Forced(kernel), torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0, out[0, ids.shape[1]:]
+
+
+def llama_cpp_runner(n: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None, "skipped (llama-cpp-python not installed)"
+    from torchcompress.models import default_gguf_path
+
+    path = default_gguf_path()
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    toks = llm.tokenize(PROMPT.encode())
+
+    def run(k: int) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        for i, _ in enumerate(llm.generate(toks, top_k=1, temp=0.0)):
+            if i + 1 >= k:
+                break
+        return time.perf_counter() - t0
+
+    return run, path.name
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-reference", action="store_true", help="leave out the slow W4 reference variant")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from torchcompress.models import load_model
+
+    loaded = load_model("default")
+    base = loaded.model.float().eval()
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    w4 = quantize_w4(copy.deepcopy(base)).eval()
+    variants = {"float": (base, None), "W4 g128": (w4, None)}
+    if not args.skip_reference:
+        variants["W4 g128 ref"] = (w4, "reference")
+    q4, why_q4 = quantize_q4_0(copy.deepcopy(base))
+    if q4 is not None:
+        variants["Q4_0"] = (q4.eval(), None)
+    llama_run, llama_what = llama_cpp_runner(args.new_tokens)
+
+    n = args.new_tokens
+    for model, kernel in variants.values():  # warm-up (and the extension build, once)
+        generate(model, ids, 2, kernel)
+    if llama_run is not None:
+        llama_run(2)
+    per_tok: dict[str, list[float]] = {k: [] for k in variants}
+    if llama_run is not None:
+        per_tok["llama.cpp"] = []
+    tokens = {}
+    for _ in range(args.rounds):
+        for name, (model, kernel) in variants.items():
+            t_n, toks = generate(model, ids, n, kernel)
+            t_1, _ = generate(model, ids, 1, kernel)
+            per_tok[name].append((t_n - t_1) / (n - 1))
+            tokens[name] = toks
+        if llama_run is not None:
+            per_tok["llama.cpp"].append((llama_run(n) - llama_run(1)) / (n - 1))
+
+    print(f"SmolLM2-135M-Instruct, greedy, prompt {ids.shape[1]} tokens, {n} new tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    base_tps = 1.0 / statistics.median(per_tok["float"])
+    print(f"{'variant':>14} {'tokens/s':>9} {'vs float':>9}")
+    for name, v in per_tok.items():
+        tps = 1.0 / statistics.median(v)
+        print(f"{name:>14} {tps:>9.1f} {tps / base_tps:>8.2f}x")
+    if q4 is None:
+        print(f"Q4_0: {why_q4}")
+    if llama_run is None:
+        print(f"llama.cpp: {llama_what}")
+    else:
+        print(f"llama.cpp ran {llama_what} (its own quantization; orientation only)")
+    if "W4 g128 ref" in tokens:
+        same = torch.equal(tokens["W4 g128"], tokens["W4 g128 ref"])
+        print(f"W4 greedy tokens identical with native and reference kernels: {same}")
+
+
+if __name__ == "__main__":
+    main()
