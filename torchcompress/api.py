@@ -60,17 +60,21 @@ def quantize_(
     chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear]
     if not chosen:
         log.warning("quantize_: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
+    done: dict[int, nn.Module] = {}  # a Linear shared under several names gets one replacement
     for name, linear in chosen:
-        new = fn(linear, config, name)
+        new = done.get(id(linear))
+        fresh = new is None
+        if fresh:
+            new = done[id(linear)] = fn(linear, config, name)
         set_submodule(model, name, new)
-        if on_module is not None:
+        if fresh and on_module is not None:
             on_module(name, linear, new)
     return model
 
 
 def freeze_(model: nn.Module) -> nn.Module:
     """Pack every fake-quant :class:`QuantLinear` (after QAT), in place."""
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            m.freeze()
+            m.freeze(name=f"{name}.weight")
     return model

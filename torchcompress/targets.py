@@ -24,7 +24,9 @@ from .errors import ConfigError
 Pattern = "str | type[nn.Module]"
 
 
-def _compile(patterns: Iterable, field: str) -> list:
+def _compile(patterns, field: str) -> list:
+    if isinstance(patterns, (str, type)):  # one pattern, not an iterable of characters
+        patterns = (patterns,)
     out = []
     for p in patterns:
         if isinstance(p, type):
@@ -64,7 +66,8 @@ def select_modules(
     """
     t = _compile(targets, "targets")
     i = _compile(ignore, "ignore")
-    for name, module in model.named_modules():
+    # remove_duplicate=False: a module registered under two names is yielded under each
+    for name, module in model.named_modules(remove_duplicate=False):
         if name and _matches(name, module, t) and not _matches(name, module, i):
             yield name, module
 

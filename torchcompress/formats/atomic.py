@@ -29,6 +29,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_modes(root: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give outputs the modes a plain open()/mkdir would."""
+    mask = _umask()
+    paths = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _writable_parent(path: Path) -> Path:
     parent = path.parent
     try:
@@ -49,6 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _public_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -76,6 +91,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
+        _public_modes(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))

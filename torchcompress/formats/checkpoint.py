@@ -139,6 +139,20 @@ def apply_manifest(model: nn.Module, manifest: dict, device="meta", source: str 
     return model
 
 
+def _check_tied(tied, expected: set, sd: dict, source) -> dict:
+    """``tied`` maps a dropped key to the stored key it aliases; both must make sense."""
+    if not isinstance(tied, dict):
+        raise FormatError(source, f"manifest 'tied' must be a mapping, got {type(tied).__name__}")
+    for key, src in tied.items():
+        if not isinstance(key, str) or not isinstance(src, str):
+            raise FormatError(source, f"manifest 'tied' entry {key!r}: {src!r} is not a pair of tensor names")
+        if key not in expected:
+            raise FormatError(source, f"tied tensor {key!r} does not exist in the model")
+        if src not in sd:
+            raise FormatError(source, f"tied tensor {key!r} points at {src!r}, which is not in the checkpoint")
+    return tied
+
+
 def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
     """Load ``path/model.safetensors`` into ``model`` (skeleton with meta tensors) by assignment."""
     from safetensors import SafetensorError
@@ -151,8 +165,8 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
         sd = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise FormatError(weights, f"unreadable safetensors: {e}") from None
-    tied = manifest.get("tied", {})
     expected = set(model.state_dict().keys())
+    tied = _check_tied(manifest.get("tied", {}), expected, sd, weights)
     missing = sorted(expected - set(sd) - set(tied))
     unexpected = sorted(set(sd) - expected)
     if missing or unexpected:
@@ -164,7 +178,12 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
     for key, src in tied.items():
         mod_name, _, attr = key.rpartition(".")
         src_mod, _, src_attr = src.rpartition(".")
-        setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(src_mod), src_attr))
+        owner = model.get_submodule(mod_name)
+        old, new = getattr(owner, attr), getattr(model.get_submodule(src_mod), src_attr)
+        if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
+            raise FormatError(weights, f"tied tensor {key!r} {tuple(old.shape)} {old.dtype} cannot alias "
+                                       f"{src!r} {tuple(new.shape)} {new.dtype}")
+        setattr(owner, attr, new)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise FormatError(weights, f"tensor {name!r} was not in the checkpoint")

@@ -104,13 +104,14 @@ class QuantLinear(nn.Module):
         return self.weight is None
 
     @torch.no_grad()
-    def freeze(self) -> "QuantLinear":
-        """Fake-quant -> packed: quantize the master weight and drop it. No-op when already packed."""
+    def freeze(self, name: str = "weight") -> "QuantLinear":
+        """Fake-quant -> packed: quantize the master weight and drop it. No-op when already packed.
+        ``name`` labels errors (a NaN master weight after training)."""
         if not self.is_packed:
             w = self.weight.detach()
+            self._set_packed_from(w, name)  # raises before anything changes
             del self.weight
             self.weight = None
-            self._set_packed_from(w, "weight")
         return self
 
     @torch.no_grad()
