@@ -104,7 +104,11 @@ def _calib_config(args, recipe):
     from .calibration import CalibrationConfig, parse_sources
 
     names, weights = parse_sources(args.calib or "self")
+    from .calibration.sources import check_hf_spec
+
     for name in names:
+        if name.startswith("hf:"):
+            check_hf_spec(name)
         if name not in ("self", "pydoc") and not name.startswith("hf:") and not any(c in name for c in "*?[") \
                 and not Path(name).is_file():
             raise InputError(f"--calib {name}: no such file (give a file, a glob, 'self', 'pydoc' or hf:NAME[:SPLIT[:COLUMN]])")
@@ -231,6 +235,30 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .formats.gguf_mix import parse_file_type
+    from .formats.gguf_write import export_gguf
+    from .models import DEFAULT, default_gguf_path, load_model
+
+    ft = parse_file_type(args.qtype)  # a bad --qtype fails before the model loads
+    if not str(args.out).endswith(".gguf"):
+        raise InputError(f"--out {args.out}: must be a .gguf file name")
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
+    # a model that came from a .gguf keeps that file's tokenizer metadata verbatim (pre-tokenizer too)
+    src = default_gguf_path() if str(args.model) == DEFAULT else Path(args.model) if str(args.model).endswith(".gguf") else None
+    t0 = time.perf_counter()
+    res = export_gguf(lm.model, lm.tokenizer, args.out, ft, pure=args.pure, leave_output=args.leave_output,
+                      tokenizer_from=src, tokenizer_pre=args.tokenizer_pre)
+    counts: dict[str, int] = {}
+    for t in res.types.values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    print(f"wrote {res.path} ({ft.name}, {res.file_size / 2**20:.1f} MiB, {len(res.types)} tensors: "
+          + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f") in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="torchcompress", description="Compress PyTorch / Hugging Face models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -264,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a compressed directory, model directory or .gguf file holds")
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
+
+    x = sub.add_parser("export", help="write a model in another tool's format (.gguf for llama.cpp)")
+    x.add_argument("--model", required=True, help="'default', a model directory or a .gguf file (float weights)")
+    x.add_argument("--format", required=True, choices=["gguf"])
+    x.add_argument("--qtype", default="Q4_K_M", help="llama.cpp file type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, "
+                   "Q4_0, Q4_1, Q5_0, Q5_1, F16, F32")
+    x.add_argument("--out", required=True, help="output .gguf (written atomically)")
+    x.add_argument("--pure", action="store_true", help="the file type's block type for every tensor (no mix rules)")
+    x.add_argument("--leave-output", action="store_true", help="keep output.weight unquantized")
+    x.add_argument("--tokenizer-pre", default="default", help="llama.cpp pre-tokenizer name for a Hugging Face tokenizer")
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("recipe", help="recipe tools")
     rsub = r.add_subparsers(dest="recipe_command", required=True, parser_class=_Parser)

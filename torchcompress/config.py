@@ -174,3 +174,7 @@ class GPTQConfig:
 
 
 STAGE_KINDS["gptq"] = GPTQConfig
+
+from .quant.gguf_config import GGUFConfig  # noqa: E402  (GGUF block quantization, issue #3)
+
+STAGE_KINDS["gguf"] = GGUFConfig

@@ -33,6 +33,9 @@ MODULE_KINDS = {"QuantLinear": (QuantLinear, quant_linear_manifest, quant_linear
 from ..nn.gptq_linear import GPTQLinear, gptq_linear_from_manifest, gptq_linear_manifest  # noqa: E402
 
 MODULE_KINDS["GPTQLinear"] = (GPTQLinear, gptq_linear_manifest, gptq_linear_from_manifest)
+from ..nn.gguf_linear import GGUFLinear, gguf_linear_from_manifest, gguf_linear_manifest  # noqa: E402
+
+MODULE_KINDS["GGUFLinear"] = (GGUFLinear, gguf_linear_manifest, gguf_linear_from_manifest)
 
 
 def build_manifest(model: nn.Module) -> dict:

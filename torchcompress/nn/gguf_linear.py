@@ -33,6 +33,8 @@ class GGUFLinear(nn.Module):
             mod.bias = nn.Parameter(linear.bias.detach().clone())
         return mod
 
+    is_packed = True  # always holds blocks (reports and savers check this, as for QuantLinear)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_rows(self.blocks, int(self.qtype), self.in_features, dtype)
 
@@ -62,3 +64,18 @@ class GGUFEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+
+def gguf_linear_manifest(m: GGUFLinear) -> dict:
+    return {"type": "GGUFLinear", "in_features": m.in_features, "out_features": m.out_features,
+            "qtype": m.qtype.name, "bias": m.bias is not None}
+
+
+def gguf_linear_from_manifest(entry: dict, device="meta") -> GGUFLinear:
+    from ..errors import ConfigError
+
+    try:
+        qt = GGMLType[str(entry["qtype"])]
+    except KeyError:
+        raise ConfigError("qtype", f"unknown GGUF block type {entry.get('qtype')!r}") from None
+    return GGUFLinear(int(entry["in_features"]), int(entry["out_features"]), qt, bool(entry["bias"]), device=device)

@@ -118,6 +118,17 @@ from ..config import GPTQConfig  # noqa: E402
 _RUNNERS[GPTQConfig] = _run_gptq
 
 
+def _run_gguf(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.gguf import quantize_gguf_
+
+    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=_record_quant(stage, records))
+
+
+from ..config import GGUFConfig  # noqa: E402
+
+_RUNNERS[GGUFConfig] = _run_gguf
+
+
 def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Callable | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place and return a :class:`Report`.
 

@@ -1,0 +1,1 @@
+"""Per-technique configs and transforms (GGUF block quantization, ...)."""
