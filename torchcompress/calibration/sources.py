@@ -15,6 +15,7 @@ A source spec is one string:
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -119,16 +120,21 @@ def _offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _hf_docs(spec: str, tokenizer) -> tuple[list[list[int]], str]:
+def check_hf_spec(spec: str) -> tuple[str, str, str]:
+    """``(name, split, column)`` of ``hf:NAME[:SPLIT[:COLUMN]]``; fails fast (before any model loads)
+    on a malformed spec or a missing ``datasets`` package."""
     parts = spec[3:].split(":")
     if not parts[0] or len(parts) > 3:
         raise CalibrationDataError(spec, "expected hf:NAME[:SPLIT[:COLUMN]]")
-    name, split, column = parts[0], (parts[1:2] or ["train"])[0] or "train", (parts[2:3] or ["text"])[0] or "text"
-    try:
-        import datasets
-    except ImportError:
+    if importlib.util.find_spec("datasets") is None:
         why = " (and HF_HUB_OFFLINE is set, so it could not download anyway)" if _offline() else ""
-        raise CalibrationDataError(spec, f"needs the 'datasets' package: pip install datasets{why}") from None
+        raise CalibrationDataError(spec, f"needs the 'datasets' package: pip install datasets{why}")
+    return parts[0], (parts[1:2] or ["train"])[0] or "train", (parts[2:3] or ["text"])[0] or "text"
+
+
+def _hf_docs(spec: str, tokenizer) -> tuple[list[list[int]], str]:
+    name, split, column = check_hf_spec(spec)
+    import datasets
     try:
         # offline: datasets reads only its local cache and fails at once if the set is not there
         ds = datasets.load_dataset(name, split=split)
