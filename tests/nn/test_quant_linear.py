@@ -332,3 +332,11 @@ def test_half_precision_linear_source(dtype):
     y = ql(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), lin(x).float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (-1, 4)])
+def test_quantlinear_rejects_empty_or_negative_shapes(shape):
+    from torchcompress.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        QuantLinear(*shape)

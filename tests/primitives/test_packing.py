@@ -125,3 +125,16 @@ def test_unpack_rejects_wrong_packed_length(bits):
         unpack(p, bits, 10 + 8)  # claims more codes than the bytes hold
     with pytest.raises(ConfigError):
         unpack(p[:, :-1], bits, 10)
+
+
+def test_pack_rejects_codes_wider_than_bits():
+    import torch
+
+    from torchcompress.errors import ConfigError
+    from torchcompress.primitives.packing import pack
+
+    for bits in (2, 3, 4, 6):
+        codes = torch.zeros(2, 9, dtype=torch.uint8)
+        codes[1, 4] = 1 << bits
+        with pytest.raises(ConfigError, match=f"{bits} bits"):
+            pack(codes, bits)

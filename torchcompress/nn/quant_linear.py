@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Granularity, QuantScheme
+from ..errors import ConfigError
 from ..ops import int_linear as _int_linear_op  # noqa: F401  (registers torchcompress::int_linear)
 from ..ops.int_linear import dequantize_packed
 from ..primitives.affine import effective_group_size, num_groups, quantize_affine
@@ -40,6 +41,9 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        for field, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(field, f"must be a positive integer, got {v!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme

@@ -30,6 +30,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ConfigError("codes", f"must be uint8, got {codes.dtype}")
     if bits == 8:
         return codes.clone()
+    if codes.numel() and int(codes.max()) >= (1 << bits):
+        # an oversized code would spill into its neighbour's bits
+        raise ConfigError("codes", f"hold {int(codes.max())}, which does not fit in {bits} bits")
     k = codes.shape[-1]
     lead = codes.shape[:-1]
     out_len = packed_len(k, bits)
