@@ -3,7 +3,8 @@
 :func:`int_linear_fast` returns the fast kernel's result, or ``None`` when no fast kernel applies, in
 which case the op runs the pure-PyTorch reference. ``TORCHCOMPRESS_KERNEL=reference`` skips it.
 
-* CPU: the native extension (:mod:`torchcompress.ops.native`) for 4- and 8-bit codes; fp32, bf16 and
+* CPU: the native extension (:mod:`torchcompress.ops.native`) for 4- and 8-bit codes (and GGUF Q4_0/Q8_0
+  in :func:`gguf_linear_fast`); fp32, bf16 and
   fp16 activations (computed in fp32, rounded once at the end).
 * CUDA: Triton kernels (:mod:`torchcompress.ops.triton.int_linear`), imported on first CUDA call.
 """
@@ -44,3 +45,29 @@ def int_linear_fast(
 
         return triton_int_linear(x, qweight, scale, zero, bias, bits, group_size, in_features)
     return None
+
+
+GGUF_CPU_TYPES = (2, 8)  # GGMLType.Q4_0, GGMLType.Q8_0
+GGUF_GEMV_MAX_BATCH = 32  # the native GGUF kernel is a fused GEMV; larger batches use the reference
+
+
+def gguf_linear_fast(
+    x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int
+) -> Optional[torch.Tensor]:
+    """``torchcompress::gguf_linear``'s fast kernel result, or ``None`` (the reference runs)."""
+    if (
+        x.device.type != "cpu"
+        or blocks.device.type != "cpu"
+        or x.dtype not in FLOAT_DTYPES
+        or int(qtype) not in GGUF_CPU_TYPES
+        or in_features % 32
+        or x.shape[-1] != in_features
+        or x.numel() // max(in_features, 1) > GGUF_GEMV_MAX_BATCH
+    ):
+        return None
+    from .native import load_native
+
+    ext = load_native()
+    if ext is None:
+        return None
+    return ext.gguf_linear(x, blocks, bias, int(qtype), in_features)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..primitives.gguf_blocks import dequantize
-from .backend import selected_backend
+from .backend import Backend, selected_backend
+from .fastpath import gguf_linear_fast
 
 
 def dequantize_rows(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -24,7 +25,10 @@ def dequantize_rows(blocks: torch.Tensor, qtype: int, in_features: int, dtype: t
 
 @torch.library.custom_op("torchcompress::gguf_linear", mutates_args=())
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int) -> torch.Tensor:
-    selected_backend()  # validates TORCHCOMPRESS_KERNEL; only the reference path exists so far
+    if selected_backend() is Backend.AUTO:  # fast kernels (ops/fastpath.py), else the reference
+        out = gguf_linear_fast(x, blocks, bias, qtype, in_features)
+        if out is not None:
+            return out
     w = dequantize_rows(blocks, qtype, in_features, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
