@@ -37,7 +37,7 @@ def test_f32_roundtrip_is_exact(tmp_path, tied):
         assert torch.equal(back(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("qtype", ["Q8_0", pytest.param("Q4_K_M", marks=pytest.mark.slow)])
 def test_quantized_import_keeps_blocks_and_matches_transformers(tmp_path, qtype):
     from transformers import AutoModelForCausalLM
 

@@ -37,7 +37,7 @@ def test_permute_rope_matches_definition():
     assert torch.equal(unpermute_rope(p, H), w)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M", "Q5_K_S", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", pytest.param("Q4_K_M", marks=pytest.mark.slow), pytest.param("Q5_K_S", marks=pytest.mark.slow)])
 def test_export_reads_back_with_gguf_py(tiny, tmp_path, qtype):
     model, tok = tiny
     out = tmp_path / f"m.{qtype}.gguf"

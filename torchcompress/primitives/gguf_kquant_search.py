@@ -25,6 +25,14 @@ def _acc(rows) -> torch.Tensor:
     return acc
 
 
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Left-to-right sum over dim -2 of (..., n, M): several C accumulators in one Python loop."""
+    acc = t[..., 0, :].clone()
+    for i in range(1, t.shape[-2]):
+        acc += t[..., i, :]
+    return acc
+
+
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
     """Asymmetric (scale, min) search of ``make_qkx2_quants``.
 
@@ -46,7 +54,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     def error(s, m, lv):
         diff = s * lv + m - x
         diff = diff.abs() if use_mad else diff * diff
-        return _acc(w[i] * diff[i] for i in range(n))
+        return _seqsum(w * diff)
 
     # Codes here are iscale*(x - min) with |.| <= ~nmax+1, far below 2^22, where ggml's nearest_int
     # equals round-half-even: torch.round on floats saves the int round trip in this hot loop.
@@ -59,9 +67,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         iscale = cdiv(c, mx - mn)
         lf = torch.round(iscale * (x - mn)).clamp_(0, nmax)
         wl = w * lf
-        sum_l = _acc(wl[i] for i in range(n))
-        sum_l2 = _acc(wl[i] * lf[i] for i in range(n))
-        sum_xl = _acc(wl[i] * x[i] for i in range(n))
+        sum_l, sum_l2, sum_xl = _seqsum(torch.stack((wl, wl * lf, wl * x)))  # w*l, (w*l)*l, (w*l)*x
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
