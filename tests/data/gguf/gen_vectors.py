@@ -86,6 +86,8 @@ def inputs() -> dict[str, np.ndarray]:
     c["fp16_overflow"] = rng.standard_normal((2, 256)) * 1e6
     c["ints"] = rng.integers(-8, 8, (4, 256)).astype(np.float64)
     c["halves"] = (rng.integers(-64, 64, (4, 256)) + 0.5) / 8.0  # exact ties after scaling
+    # many rows: rare decisions (a 1-ulp difference flipping a scale search) show up only in bulk
+    c["bulk"] = rng.standard_t(4, (192, 256)) * rng.uniform(0.005, 0.05, (192, 1))
     return {k: v.astype(np.float32) for k, v in c.items()}
 
 
