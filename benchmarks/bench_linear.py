@@ -34,6 +34,15 @@ SCHEMES = {
 REFERENCE_OF = "W4 g128 sym"  # also timed through the pure-PyTorch reference, as "W4 ref"
 
 
+def gguf_types() -> dict:
+    """GGUF Q4_0 / Q8_0 columns, when the GGUF modules are present."""
+    try:
+        from torchcompress.primitives.gguf_common import GGMLType
+    except ImportError:
+        return {}
+    return {"Q4_0": GGMLType.Q4_0, "Q8_0": GGMLType.Q8_0}
+
+
 class ForcedReference(nn.Module):
     """Runs a QuantLinear with ``TORCHCOMPRESS_KERNEL=reference`` (read per call by the op), so that the
     native kernel and the reference are timed side by side in one process."""
@@ -88,6 +97,10 @@ def bench_shape(k: int, n: int, batch: int, repeats: int, warmup: int, target_s:
     for name, scheme in SCHEMES.items():
         mods[name] = QuantLinear.from_linear(lin, scheme).eval()
     mods["W4 ref"] = ForcedReference(mods[REFERENCE_OF])
+    for name, qtype in gguf_types().items():  # ggml blocks through torchcompress::gguf_linear
+        from torchcompress.nn.gguf_linear import GGUFLinear
+
+        mods[name] = GGUFLinear.from_linear(lin, qtype).eval()
     x = torch.randn(batch, k)
     times: dict[str, list[float]] = {name: [] for name in mods}
     with torch.inference_mode():
@@ -124,7 +137,7 @@ def main(argv=None) -> None:
     kernel = os.environ.get("TORCHCOMPRESS_KERNEL", "auto")
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, repeats {args.repeats} (median), "
           f"TORCHCOMPRESS_KERNEL={kernel}; ratio = QuantLinear time / fp32 nn.Linear time")
-    cols = list(SCHEMES) + ["W4 ref"]
+    cols = list(SCHEMES) + ["W4 ref"] + list(gguf_types())
     header = f"{'shape (in x out)':>17} {'batch':>5} {'fp32 ms':>9} " + " ".join(f"{c + ' ms (x)':>22}" for c in cols)
     print(header)
     print("-" * len(header))

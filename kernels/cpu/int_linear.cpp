@@ -97,14 +97,18 @@ at::Tensor setup_problem(Problem& p, const at::Tensor& x, const at::Tensor& qwei
   return x.reshape({p.M, K}).to(at::kFloat).contiguous();
 }
 
-// Rows per parallel task: enough work (~64K weights) that a thread hand-off pays for itself.
-int64_t row_grain(const Problem& p) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(p.K * std::min<int64_t>(p.M, 8), 1)); }
+// Rows per parallel task: enough work (~1M weight x activation products) that waking a second
+// thread pays for itself; smaller layers run on the calling thread. (An OpenMP region costs a few
+// microseconds on an idle machine but milliseconds when the cores are oversubscribed.)
+int64_t row_grain(int64_t K, int64_t M) {
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(K * std::min<int64_t>(M, 8), 1));
+}
 
 void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
   const int64_t M = p.M, K = p.K;
   if (isa == Isa::Portable || !simd_supported(p)) {
     const float* xp = x.data_ptr<float>();
-    at::parallel_for(0, p.N, row_grain(p), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, p.N, row_grain(p.K, p.M), [&](int64_t b, int64_t e) {
       std::vector<float> wbuf(static_cast<size_t>(K));
       gemv_rows_portable(p, xp, b, e, wbuf.data());
     });
@@ -131,7 +135,7 @@ void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
   q.xa = pa;
   q.xb = pb;
   q.ldx = ldx;
-  at::parallel_for(0, p.N, row_grain(p), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p.N, row_grain(p.K, p.M), [&](int64_t b, int64_t e) {
     if (isa == Isa::Avx512) gemv_rows_avx512(p, q, b, e);
     else gemv_rows_avx2(p, q, b, e);
   });
@@ -218,8 +222,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10:
   at::Tensor out = at::empty({p.M, p.N}, x2.options());
   p.out = out.data_ptr<float>();
   if (p.M > 0 && p.N > 0) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K * std::min<int64_t>(p.M, 8), 1));
-    at::parallel_for(0, p.N, grain, [&](int64_t s, int64_t e) {
+    at::parallel_for(0, p.N, row_grain(K, p.M), [&](int64_t s, int64_t e) {
       if (isa == Isa::Avx512) {
         gguf_rows_avx512(p, s, e);
       } else {
