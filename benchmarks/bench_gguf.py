@@ -43,7 +43,9 @@ def main() -> None:
     from torchcompress.primitives.gguf_blocks import quantize
     from torchcompress.primitives.gguf_common import GGMLType
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; gguf-py {getattr(gguf, '__version__', '?')}")
+    from importlib.metadata import version
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; gguf-py {version('gguf')}")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 4096, generator=g) * 0.02
     xn = x.numpy()
