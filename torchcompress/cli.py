@@ -98,9 +98,8 @@ def _finished_run(args, fingerprint: str):
 
 
 def _calib_config(args, recipe):
-    """The calibration set the recipe needs (default: text sampled from the model), else None."""
-    if not any(getattr(s.config, "needs_calibration", False) for s in recipe.stages):
-        return None
+    """The calibration set the recipe needs (default: text sampled from the model), else None.
+    A --calib given to a recipe that needs none is still checked: a typo should not pass silently."""
     from .calibration import CalibrationConfig, parse_sources
 
     names, weights = parse_sources(args.calib or "self")
@@ -112,6 +111,8 @@ def _calib_config(args, recipe):
         if name not in ("self", "pydoc") and not name.startswith("hf:") and not any(c in name for c in "*?[") \
                 and not Path(name).is_file():
             raise InputError(f"--calib {name}: no such file (give a file, a glob, 'self', 'pydoc' or hf:NAME[:SPLIT[:COLUMN]])")
+    if not any(getattr(s.config, "needs_calibration", False) for s in recipe.stages):
+        return None
     return CalibrationConfig(sources=names, weights=weights, num_samples=args.calib_samples, seq_len=args.seq_len)
 
 
