@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Granularity, QuantScheme
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericError
 from ..ops import int_linear as _int_linear_op  # noqa: F401  (registers torchcompress::int_linear)
 from ..ops.int_linear import dequantize_packed
 from ..primitives.affine import effective_group_size, num_groups, quantize_affine
@@ -76,6 +76,8 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, qat: bool = False, name: str = "weight") -> "QuantLinear":
         """Quantize ``linear`` (RTN) into a new QuantLinear; ``name`` labels errors (NaN/Inf weights)."""
         w = linear.weight.detach()
+        if w.numel() == 0:  # name the tensor before the shape check in __init__ would
+            raise NumericError(name, f"is empty (shape {tuple(w.shape)})")
         has_bias = linear.bias is not None
         mod = cls(linear.in_features, linear.out_features, has_bias, scheme, qat=True, device="meta")
         mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad) if has_bias else None
