@@ -1,7 +1,6 @@
 """Layer-by-layer GPTQ on a tiny Llama: better than RTN, padding-free Hessians, 2-process all-reduce."""
 
 import copy
-import os
 
 import pytest
 import torch

@@ -108,7 +108,7 @@ def test_hostile_fields(tmp_path, small_file):
 
 def test_fuzz_bounded(tmp_path, small_file):
     """200 random corruptions of the header: a typed error or a valid model, never a crash or hang."""
-    g = read_gguf_bytes = small_file
+    g = small_file
     header_end = read_gguf_header_end(tmp_path, g)
     rng = random.Random(0)
     p = tmp_path / "f.gguf"

@@ -54,13 +54,16 @@ def _writable_parent(path: Path) -> Path:
     return parent
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator:
+    """Yield a binary file to stream into; on success it replaces ``path`` whole (fsync + rename),
+    on any exception the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     parent = _writable_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         _public_modes(Path(tmp))
@@ -70,6 +73,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from ..errors import FormatError
@@ -66,6 +65,18 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "save_pretrained") and hasattr(model.config, "to_dict")
 
 
+def write_hf_files(directory: Path, model: nn.Module, quantization_config: dict, tokenizer=None) -> None:
+    """config.json (with ``quantization_config``), generation config and tokenizer of an HF model."""
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``model`` (compressed in place by the verbs) to ``out_dir`` atomically.
@@ -80,14 +91,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     with atomic_directory(out_dir) as tmp:
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "torchcompress": str(FORMAT_VERSION)})
         if _is_hf(model):
-            cfg = model.config.to_dict()
-            cfg["quantization_config"] = manifest
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            gen = getattr(model, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            write_hf_files(tmp, model, manifest, tokenizer)
         else:
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_files or {}).items():

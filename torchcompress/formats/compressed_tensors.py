@@ -31,6 +31,7 @@ from ..nn.gptq_linear import GPTQLinear
 from ..nn.quant_linear import QuantLinear
 from ..primitives.packing import pack, unpack
 from .atomic import atomic_directory
+from .checkpoint import write_hf_files
 
 FORMAT = "pack-quantized"
 
@@ -108,12 +109,5 @@ def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokeni
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_hf_files(tmp, model, qcfg, tokenizer)
     return out_dir

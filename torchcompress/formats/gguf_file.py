@@ -13,13 +13,10 @@ bytes are produced, written and dropped, into a temp file that is fsynced and re
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -126,28 +123,16 @@ def write_gguf(
 
     Returns the file size. A failure (or Ctrl-C) leaves the previous file, or none.
     """
-    from .atomic import _fsync_dir, _writable_parent
+    from .atomic import atomic_file
 
-    path = Path(path)
-    parent = _writable_parent(path)
     header, _ = encode_header(kvs, tensors, alignment)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for t in tensors:
-                data = produce(t).contiguous().view(torch.uint8).reshape(-1)
-                if data.numel() != t.nbytes:
-                    raise RuntimeError(f"{t.name}: produced {data.numel()} bytes, expected {t.nbytes}")
-                f.write(memoryview(data.numpy()))
-                f.write(b"\0" * _pad(t.nbytes, alignment))
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(parent)
+    with atomic_file(path) as f:
+        f.write(header)
+        for t in tensors:
+            data = produce(t).contiguous().view(torch.uint8).reshape(-1)
+            if data.numel() != t.nbytes:
+                raise RuntimeError(f"{t.name}: produced {data.numel()} bytes, expected {t.nbytes}")
+            f.write(memoryview(data.numpy()))
+            f.write(b"\0" * _pad(t.nbytes, alignment))
+        size = f.tell()
     return size

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, InputError
+from ..errors import InputError
 from ..primitives.gguf_blocks import quantize
 from ..primitives.gguf_common import GGMLType
 from .gguf_file import DEFAULT_ALIGNMENT, KV, TensorPlan, VType, write_gguf

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Granularity
 from ..errors import FormatError
@@ -31,6 +30,7 @@ from ..nn.gptq_linear import GPTQLinear
 from ..nn.quant_linear import QuantLinear
 from ..primitives.packing import pack, unpack
 from .atomic import atomic_directory
+from .checkpoint import write_hf_files
 
 
 def _words(stream: torch.Tensor) -> torch.Tensor:
@@ -115,12 +115,8 @@ def save_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> P
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        write_hf_files(tmp, model, qcfg, tokenizer)
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
     return out_dir
 
 
