@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <string>
@@ -151,7 +152,11 @@ void run_tiled(Problem& p, const at::Tensor& x, at::Tensor& out, Isa isa) {
   // calling thread).
   const int64_t rows = std::clamp<int64_t>((int64_t{1} << 20) / ldd, 16, 512);
   const int64_t grain = std::max<int64_t>(rows, 1);
+  // InferenceMode is thread-local and worker threads do not inherit it: without this guard,
+  // at::mm_out into an inference tensor (the caller ran under torch.inference_mode) is refused.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    c10::InferenceMode guard(inference);
     at::Tensor tile = at::empty({rows, ldd}, x.options());
     float* t = tile.data_ptr<float>();
     for (int64_t n0 = b; n0 < e; n0 += rows) {

@@ -168,3 +168,21 @@ def test_no_compiler_warns_once_and_reference_runs(monkeypatch):
         warnings.simplefilter("always")
         assert native.load_native.__wrapped__() is None
     assert len(rec) == 1 and "no C++ compiler" in str(rec[0].message) and "reference" in str(rec[0].message)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parallel_tiled_path_under_inference_mode(ext, bias):
+    # regression: worker threads of the tiled path do not inherit InferenceMode; writing into the
+    # (inference) output tensor from them was refused. Large enough to be split across threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        qw, scale, zero, g = _packed(1536, 576, QuantScheme(bits=4, group_size=128, symmetric=False))
+        b = torch.randn(1536) if bias else None
+        x = torch.randn(2, 40, 576)
+        with torch.inference_mode():
+            got = torch.ops.torchcompress.int_linear(x, qw, scale, zero, b, 4, g, 576)
+        ref = _reference(x, qw, scale, zero, b, 4, g, 576)
+        _close(got, ref, torch.float32, "tiled under inference_mode")
+    finally:
+        torch.set_num_threads(threads)
