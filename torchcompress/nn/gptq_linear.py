@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Granularity, QuantScheme
+from ..errors import InputError
 from ..ops import gptq_linear as _gptq_linear_op  # noqa: F401  (registers torchcompress::gptq_linear)
 from ..ops.gptq_linear import dequantize_g_idx_packed
 from ..primitives.packing import pack
@@ -49,7 +50,8 @@ class GPTQLinear(QuantLinear):
         return self  # always packed
 
     def unfreeze(self):
-        raise NotImplementedError("GPTQLinear has no float master weight to train; dequantize() it into a Linear")
+        # act-order codes with g_idx have no fake-quant form here; QAT starts from a float Linear
+        raise InputError("GPTQLinear cannot unfreeze (no float master weight); build an nn.Linear from dequantize()")
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_g_idx_packed(self.qweight, self.scale, self.zero, self.g_idx, self.scheme.bits,
