@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-
-
+import torch
 
 TINY_TEXT = " ".join(
     f"The {a} {b} jumps over the {c} dog number {i}." for i, (a, b, c) in enumerate(
@@ -34,3 +33,17 @@ def make_tokenizer(vocab_size: int = 256):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+
+
+def calibrated_tiny_llama(hidden_size: int = 128, intermediate_size: int = 192, samples: int = 8, seq_len: int = 32):
+    """(model, tokenizer, calibration set from pydoc) for tests of calibrated stages and their exports."""
+    from transformers import LlamaForCausalLM
+
+    from torchcompress.calibration import CalibrationConfig, build_calibration
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok), hidden_size=hidden_size,
+                                         intermediate_size=intermediate_size)).eval()
+    calib = build_calibration(CalibrationConfig(sources=("pydoc",), num_samples=samples, seq_len=seq_len), model, tok)
+    return model, tok, calib

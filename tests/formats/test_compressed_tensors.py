@@ -10,7 +10,6 @@ import torch
 pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.hf
 
-from torchcompress.calibration import CalibrationConfig, build_calibration  # noqa: E402
 from torchcompress.calibration.runner import gptq_model  # noqa: E402
 from torchcompress.config import GPTQConfig, QuantScheme  # noqa: E402
 from torchcompress.errors import FormatError  # noqa: E402
@@ -19,15 +18,9 @@ from torchcompress.formats.compressed_tensors import save_compressed_tensors  # 
 
 @pytest.fixture(scope="module")
 def base():
-    from transformers import LlamaForCausalLM
+    from tests.tiny import calibrated_tiny_llama
 
-    from tests.tiny import make_tokenizer, tiny_config
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok), hidden_size=128, intermediate_size=192)).eval()
-    calib = build_calibration(CalibrationConfig(sources=("pydoc",), num_samples=8, seq_len=32), model, tok)
-    return model, tok, calib
+    return calibrated_tiny_llama()
 
 
 def _decompress(path, name):

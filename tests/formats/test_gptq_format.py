@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from torchcompress.calibration import CalibrationConfig, build_calibration
 from torchcompress.calibration.runner import gptq_model
 from torchcompress.config import GPTQConfig, QuantScheme
 from torchcompress.errors import FormatError
@@ -17,15 +16,9 @@ pytestmark = pytest.mark.hf
 
 @pytest.fixture(scope="module")
 def base():
-    from transformers import LlamaForCausalLM
+    from tests.tiny import calibrated_tiny_llama
 
-    from tests.tiny import make_tokenizer, tiny_config
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok), hidden_size=128, intermediate_size=192)).eval()
-    calib = build_calibration(CalibrationConfig(sources=("pydoc",), num_samples=8, seq_len=32), model, tok)
-    return model, tok, calib
+    return calibrated_tiny_llama()
 
 
 def _decode_bits(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
