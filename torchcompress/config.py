@@ -68,7 +68,7 @@ class QuantScheme:
             raise ConfigError("group_size", f"must be a positive integer, got {gs}")
         if not isinstance(self.symmetric, bool):
             raise ConfigError("symmetric", f"must be true or false, got {self.symmetric!r}")
-        if self.scale_dtype not in _SCALE_DTYPES:
+        if not isinstance(self.scale_dtype, str) or self.scale_dtype not in _SCALE_DTYPES:
             raise ConfigError("scale_dtype", f"must be one of {', '.join(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     @property

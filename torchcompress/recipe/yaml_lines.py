@@ -23,10 +23,32 @@ class LList(list):
     lines: list
 
 
+_IN_PROGRESS = object()
 _PLAIN_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
-def _convert(node, loader, source: str):
+def _convert(node, loader, source: str, memo: dict | None = None):
+    # aliases share composed nodes: convert each node once (a "billion laughs" recipe stays linear)
+    # and refuse an alias to a collection that is still being converted (a cycle: infinite recursion)
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        if memo[id(node)] is _IN_PROGRESS:
+            raise RecipeError("malformed YAML: recursive alias", source, node.start_mark.line + 1)
+        return memo[id(node)]
+    memo[id(node)] = _IN_PROGRESS
+    memo[id(node)] = out = _convert_node(node, loader, source, memo)
+    return out
+
+
+def _construct_scalar(node, loader, source: str):
+    try:
+        return loader.construct_object(node)
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`, `!!float x`
+        raise RecipeError(f"malformed YAML: bad {node.tag.rsplit(':', 1)[-1]} value {node.value!r}: {e}",
+                          source, node.start_mark.line + 1) from None
+
+
+def _convert_node(node, loader, source: str, memo: dict):
     line = node.start_mark.line + 1
     if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_COLLECTION_TAGS:
         # e.g. !!python/object/apply: never constructed, refused outright
@@ -37,17 +59,17 @@ def _convert(node, loader, source: str):
         for k_node, v_node in node.value:
             if not isinstance(k_node, yaml.ScalarNode):
                 raise RecipeError("mapping keys must be plain strings", source, k_node.start_mark.line + 1)
-            key = loader.construct_object(k_node)
+            key = _construct_scalar(k_node, loader, source)
             if key in out:
                 raise RecipeError(f"duplicate key {key!r}", source, k_node.start_mark.line + 1)
-            out[key] = _convert(v_node, loader, source)
+            out[key] = _convert(v_node, loader, source, memo)
             out.lines[key] = k_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        out = LList(_convert(v, loader, source) for v in node.value)
+        out = LList(_convert(v, loader, source, memo) for v in node.value)
         out.line, out.lines = line, [v.start_mark.line + 1 for v in node.value]
         return out
-    return loader.construct_object(node)
+    return _construct_scalar(node, loader, source)
 
 
 def load_yaml_with_lines(text: str, source: str = "<recipe>"):
@@ -62,5 +84,7 @@ def load_yaml_with_lines(text: str, source: str = "<recipe>"):
         raise RecipeError(f"malformed YAML: {e.problem or e.context}", source, mark.line + 1 if mark else None) from None
     except yaml.YAMLError as e:
         raise RecipeError(f"malformed YAML: {e}", source) from None
+    except RecursionError:  # thousands of nested [ or {: PyYAML's composer recurses per level
+        raise RecipeError("malformed YAML: nested too deeply", source) from None
     finally:
         loader.dispose()
