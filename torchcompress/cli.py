@@ -236,7 +236,31 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def _export_quantized(args) -> int:
+    """GPTQ / compressed-tensors: a directory for serving engines, from a `compress` output."""
+    from .formats.compressed_tensors import save_compressed_tensors
+    from .formats.gptq import save_gptq
+    from .models import load_model
+    from .nn.quant_linear import QuantLinear
+
+    if str(args.out).endswith(".gguf"):
+        raise InputError(f"--out {args.out}: --format {args.format} writes a directory, not a .gguf file")
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    if not any(isinstance(m, QuantLinear) for m in lm.model.modules()):
+        raise InputError(f"--model {args.model}: has no quantized Linear layer; --format {args.format} exports the "
+                         "output of `torchcompress compress` with an RTN or GPTQ recipe")
+    _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
+    save = save_gptq if args.format == "gptq" else save_compressed_tensors
+    t0 = time.perf_counter()
+    out = save(lm.model, args.out, tokenizer=lm.tokenizer)
+    print(f"wrote {out} ({args.format}) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def cmd_export(args) -> int:
+    if args.format != "gguf":
+        return _export_quantized(args)
     from .formats.gguf_mix import parse_file_type
     from .formats.gguf_write import export_gguf
     from .models import DEFAULT, default_gguf_path, load_model
@@ -294,12 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
 
-    x = sub.add_parser("export", help="write a model in another tool's format (.gguf for llama.cpp)")
-    x.add_argument("--model", required=True, help="'default', a model directory or a .gguf file (float weights)")
-    x.add_argument("--format", required=True, choices=["gguf"])
+    x = sub.add_parser("export", help="write a model in another tool's format (.gguf for llama.cpp; GPTQ or "
+                       "compressed-tensors directories for vLLM / transformers / GPTQModel)")
+    x.add_argument("--model", required=True, help="'default', a model directory or a .gguf file (float weights) for "
+                   "gguf; a `compress` output with quantized layers for gptq / compressed-tensors")
+    x.add_argument("--format", required=True, choices=["gguf", "gptq", "compressed-tensors"])
     x.add_argument("--qtype", default="Q4_K_M", help="llama.cpp file type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, "
                    "Q4_0, Q4_1, Q5_0, Q5_1, F16, F32")
-    x.add_argument("--out", required=True, help="output .gguf (written atomically)")
+    x.add_argument("--out", required=True, help="output .gguf file, or directory for gptq / compressed-tensors "
+                   "(written atomically)")
     x.add_argument("--pure", action="store_true", help="the file type's block type for every tensor (no mix rules)")
     x.add_argument("--leave-output", action="store_true", help="keep output.weight unquantized")
     x.add_argument("--tokenizer-pre", default="default", help="llama.cpp pre-tokenizer name for a Hugging Face tokenizer")
