@@ -140,7 +140,7 @@ def apply_manifest(model: nn.Module, manifest: dict, device="meta", source: str 
             raise FormatError(source, f"module {name!r} does not exist in the model") from None
         try:
             new = MODULE_KINDS[kind][2](entry, device=device)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: int(Infinity)
             raise FormatError(source, f"module {name!r}: bad manifest entry: {e}") from None
         set_submodule(model, name, new)
     return model
@@ -160,6 +160,20 @@ def _check_tied(tied, expected: set, sd: dict, source) -> dict:
     return tied
 
 
+def _check_dtypes(sd: dict, skeleton: dict, manifest: dict, source) -> None:
+    """A header that lies about a dtype (same byte count, other type) must not load: packed codes,
+    zero points and indices keep their exact integer dtype, a compressed module's scales the scheme's
+    dtype; other float tensors may be any float dtype (a bf16 model keeps bf16 norms)."""
+    compressed = tuple(f"{name}." for name in manifest["modules"])
+    for key, t in sd.items():
+        want = skeleton.get(key)
+        if want is None or t.dtype == want.dtype:
+            continue
+        exact = not want.dtype.is_floating_point or (key.startswith(compressed) and not key.endswith(".bias"))
+        if exact or not t.dtype.is_floating_point:
+            raise FormatError(source, f"tensor {key!r} is {t.dtype}; the manifest implies {want.dtype}")
+
+
 def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
     """Load ``path/model.safetensors`` into ``model`` (skeleton with meta tensors) by assignment."""
     from safetensors import SafetensorError
@@ -172,7 +186,9 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
         sd = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise FormatError(weights, f"unreadable safetensors: {e}") from None
-    expected = set(model.state_dict().keys())
+    skeleton = model.state_dict()
+    expected = set(skeleton)
+    _check_dtypes(sd, skeleton, manifest, weights)
     tied = _check_tied(manifest.get("tied", {}), expected, sd, weights)
     missing = sorted(expected - set(sd) - set(tied))
     unexpected = sorted(set(sd) - expected)
