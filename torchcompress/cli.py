@@ -163,6 +163,7 @@ def cmd_compress(args) -> int:
 
                 shutil.rmtree(state_dir)
             calib.state_dir = state_dir
+            calib.offload_dir = args.offload_dir
         report = compress(lm.model, recipe, calib,
                           on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"))
         if calib is not None:
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="write a Markdown report with plots into this directory")
     c.add_argument("--resume", action="store_true", help="if --out holds a finished run of the same model/recipe/data, reuse it; "
                    "a killed GPTQ run continues from OUT.state after its last finished block (refused if they differ)")
+    c.add_argument("--offload-dir", help="keep calibration activations on disk here between decoder blocks instead "
+                   "of in memory (layer-by-layer stages; for long calibration sets on big models)")
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")

@@ -56,3 +56,11 @@ def test_bad_calibration_sources_exit_2(tiny_llama_dir, tmp_path):
     rc, _, se = run("compress", "--model", tiny_llama_dir, "--recipe", "w4-gptq-g128", "--out", tmp_path / "o",
                     "--calib", tmp_path / "missing.txt")
     assert rc == 2 and "no such file" in se
+
+
+def test_offload_dir_flag(tiny_llama_dir, tiny_text_file, tmp_path):
+    off = tmp_path / "offload"
+    rc, so, se = run("compress", "--model", tiny_llama_dir, "--recipe", "w4-gptq-g128", "--out", tmp_path / "o",
+                     "--calib", tiny_text_file, "--calib-samples", 2, "--seq-len", 16, "--offload-dir", off)
+    assert rc == 0, se
+    assert off.is_dir() and list(off.iterdir()) == []  # used, then cleaned up

@@ -82,6 +82,7 @@ class CalibrationSet:
     attention_mask: torch.Tensor  # (N, L) int64, 1 on real tokens
     sources: list = field(default_factory=list)  # [{"source", "description", "samples", "weight"}]
     state_dir: object = None  # where layer-by-layer stages keep resume state (one subdirectory per stage)
+    offload_dir: object = None  # where layer-by-layer stages keep block activations on disk (None: CPU memory)
 
     @property
     def lengths(self) -> torch.Tensor:  # (N,)

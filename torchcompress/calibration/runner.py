@@ -167,12 +167,17 @@ def gptq_model(
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     state_dir=None,
+    offload_dir=None,
 ) -> nn.Module:
     """GPTQ-quantize the decoder blocks' linears of ``model`` in place with ``calib`` (a CalibrationSet).
 
     With ``state_dir``, every finished block is recorded there (:mod:`.resume`) and a later call with
     the same model, data and config continues after the last finished block, bit-identically.
+    With ``offload_dir``, the block inputs of all calibration batches are kept on disk there (one
+    batch in memory at a time; :mod:`.offload`) instead of in CPU memory; the result is identical.
     """
+    from .offload import store_from
+
     from ..api import DEFAULT_IGNORE
     from ..targets import set_submodule
 
@@ -199,48 +204,52 @@ def gptq_model(
                 if on_module is not None:
                     on_module(f"{prefix}.{b}.{n}", old, new)
         inputs.hidden = state.load_inputs()
-    for b, block in enumerate(blocks):
-        if state is not None and b < state.done:
-            continue
-        bprefix = f"{prefix}.{b}."
-        linears = {n[len(bprefix):]: m for n, m in chosen.items() if n.startswith(bprefix)}
-        if linears:
-            shared = _linear_groups(block, linears, inputs, dev)
-            rep_of = {n: sub[0] for sub in shared for n in sub}
-            groups = shared if cfg.true_sequential else [[n for sub in shared for n in sub]]
-            last_of = lambda group: next(sub[0] for sub in reversed(shared) if sub[0] in group)  # noqa: E731
-            for group in groups:
-                # linears reading the same input (q/k/v, gate/up) share one Hessian
-                reps = [sub[0] for sub in shared if sub[0] in group]
-                hooks = _HessianHooks({n: linears[n] for n in reps}, stop_after=last_of(group) if cfg.true_sequential else None)
-                try:
-                    for i in range(len(inputs.hidden)):
-                        hooks.mask = inputs.masks[i].bool()
-                        try:
-                            _run_block(block, inputs, i, dev)
-                        except _Stop:
-                            pass
-                finally:
-                    hooks.remove()
-                hess = {r: hooks.finalize(r) for r in reps}
-                for n in group:
-                    lin = linears[n]
-                    res = gptq_quantize(lin.weight.detach().cpu(), hess[rep_of[n]], cfg.scheme,
-                                        block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
-                                        static_groups=cfg.static_groups, name=f"{bprefix}{n}.weight")
-                    if res.fallback:
-                        log.warning("%s%s: Hessian not positive definite even with 1000x damping; "
-                                    "fell back to round-to-nearest", bprefix, n)
-                    new = module_from_gptq(lin, res, cfg.scheme).to(dev)
-                    set_submodule(model, bprefix + n, new)
-                    if on_module is not None:
-                        on_module(bprefix + n, lin, new)
-        # the next block's inputs: this block's outputs with its quantized weights
-        for i in range(len(inputs.hidden)):
-            inputs.hidden[i] = _run_block(block, inputs, i, dev).detach().cpu()
-        if state is not None:
-            state.save_block(b, {n: block.get_submodule(n) for n in linears}, inputs.hidden)
-        log.info("gptq: block %d/%d done (%d linears)", b + 1, len(blocks), len(linears))
-        if on_block is not None:
-            on_block(b, len(blocks))
+    inputs.hidden = store_from(inputs.hidden, offload_dir)
+    try:
+        for b, block in enumerate(blocks):
+            if state is not None and b < state.done:
+                continue
+            bprefix = f"{prefix}.{b}."
+            linears = {n[len(bprefix):]: m for n, m in chosen.items() if n.startswith(bprefix)}
+            if linears:
+                shared = _linear_groups(block, linears, inputs, dev)
+                rep_of = {n: sub[0] for sub in shared for n in sub}
+                groups = shared if cfg.true_sequential else [[n for sub in shared for n in sub]]
+                last_of = lambda group: next(sub[0] for sub in reversed(shared) if sub[0] in group)  # noqa: E731
+                for group in groups:
+                    # linears reading the same input (q/k/v, gate/up) share one Hessian
+                    reps = [sub[0] for sub in shared if sub[0] in group]
+                    hooks = _HessianHooks({n: linears[n] for n in reps}, stop_after=last_of(group) if cfg.true_sequential else None)
+                    try:
+                        for i in range(len(inputs.hidden)):
+                            hooks.mask = inputs.masks[i].bool()
+                            try:
+                                _run_block(block, inputs, i, dev)
+                            except _Stop:
+                                pass
+                    finally:
+                        hooks.remove()
+                    hess = {r: hooks.finalize(r) for r in reps}
+                    for n in group:
+                        lin = linears[n]
+                        res = gptq_quantize(lin.weight.detach().cpu(), hess[rep_of[n]], cfg.scheme,
+                                            block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
+                                            static_groups=cfg.static_groups, name=f"{bprefix}{n}.weight")
+                        if res.fallback:
+                            log.warning("%s%s: Hessian not positive definite even with 1000x damping; "
+                                        "fell back to round-to-nearest", bprefix, n)
+                        new = module_from_gptq(lin, res, cfg.scheme).to(dev)
+                        set_submodule(model, bprefix + n, new)
+                        if on_module is not None:
+                            on_module(bprefix + n, lin, new)
+            # the next block's inputs: this block's outputs with its quantized weights
+            for i in range(len(inputs.hidden)):
+                inputs.hidden[i] = _run_block(block, inputs, i, dev).detach().cpu()
+            if state is not None:
+                state.save_block(b, {n: block.get_submodule(n) for n in linears}, inputs.hidden)
+            log.info("gptq: block %d/%d done (%d linears)", b + 1, len(blocks), len(linears))
+            if on_block is not None:
+                on_block(b, len(blocks))
+    finally:
+        inputs.hidden.close()
     return model

@@ -110,7 +110,8 @@ def _run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None
 
     state = getattr(calib_data, "state_dir", None)
     gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
-               on_module=_record_quant(stage, records), state_dir=None if state is None else f"{state}/{stage.name}")
+               on_module=_record_quant(stage, records), state_dir=None if state is None else f"{state}/{stage.name}",
+               offload_dir=getattr(calib_data, "offload_dir", None))
 
 
 from ..config import GPTQConfig  # noqa: E402
