@@ -78,3 +78,12 @@ def freeze_(model: nn.Module) -> nn.Module:
         if isinstance(m, QuantLinear):
             m.freeze(name=f"{name}.weight")
     return model
+
+
+def prune_(model: nn.Module, config, *, targets: Iterable = (nn.Linear,), ignore: Iterable | None = None,
+           calib_data=None, on_module: Callable[[str, nn.Module, nn.Module], None] | None = None) -> nn.Module:
+    """Prune ``model`` in place with a config from :mod:`torchcompress.prune` (magnitude, Wanda,
+    SparseGPT, structured); ``calib_data`` (a CalibrationSet) for the calibrated ones."""
+    from .prune.apply import prune_ as _prune
+
+    return _prune(model, config, targets=targets, ignore=ignore, calib_data=calib_data, on_module=on_module)
