@@ -136,22 +136,26 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
     ``calib_data`` is handed to stages that need activations (none of the RTN stages do).
     ``on_stage(stage_record)`` is called after each stage (the CLI prints a line).
     """
+    from ..telemetry.run import for_run
+
     report = Report(recipe=recipe.name, size_bytes_before=model_bytes(model), size_bytes_after=0,
                     bytes_by_type_before=bytes_by_module_type(model))
-    for stage in recipe.stages:
-        runner = _RUNNERS[type(stage.config)]
-        start = time.perf_counter()
-        before = len(report.layers)
-        with torch.no_grad():
-            runner(model, stage, report.layers, calib_data)
-        rec = StageRecord(stage.name, stage.kind, time.perf_counter() - start, len(report.layers) - before)
-        if rec.modules == 0:
-            log.warning("stage %s (%s) changed no module: check its targets/ignore", stage.name, stage.kind)
-        report.stages.append(rec)
-        if on_stage is not None:
-            on_stage(rec)
-    report.size_bytes_after = model_bytes(model)
-    report.bytes_by_type_after = bytes_by_module_type(model)
+    tel = for_run(recipe)  # OpenTelemetry spans compress > stage > layer (from the LayerRecords) + metrics; no-op when off
+    with tel.run(report):
+        for i, stage in enumerate(recipe.stages):
+            runner = _RUNNERS[type(stage.config)]
+            start = time.perf_counter()
+            before = len(report.layers)
+            with torch.no_grad(), tel.stage(i, stage, report.layers) as records:
+                runner(model, stage, records, calib_data)
+            rec = StageRecord(stage.name, stage.kind, time.perf_counter() - start, len(report.layers) - before)
+            if rec.modules == 0:
+                log.warning("stage %s (%s) changed no module: check its targets/ignore", stage.name, stage.kind)
+            report.stages.append(rec)
+            if on_stage is not None:
+                on_stage(rec)
+        report.size_bytes_after = model_bytes(model)
+        report.bytes_by_type_after = bytes_by_module_type(model)
     return report
 
 
