@@ -80,6 +80,29 @@ def freeze_(model: nn.Module) -> nn.Module:
     return model
 
 
+def add_lora_(model: nn.Module, config, *, targets: Iterable | None = None, ignore: Iterable = ("lm_head",),
+              freeze_base: bool = True) -> nn.Module:
+    """Wrap matching layers (float or quantized) in LoRALinear adapters, in place (see ``torchcompress.lowrank``).
+
+    >>> add_lora_(model, LoRAConfig(targets=("q_proj", "v_proj"), r=8, alpha=16))
+    """
+    from .lowrank.lora import add_lora_ as _add_lora
+
+    return _add_lora(model, config, targets=targets, ignore=ignore, freeze_base=freeze_base)
+
+
+def lowrank_(model: nn.Module, config, *, targets: Iterable = (nn.Linear,), ignore: Iterable | None = None,
+             calib_data=None) -> nn.Module:
+    """Replace matching ``nn.Linear`` layers by truncated-SVD LowRankLinear pairs, in place.
+
+    >>> lowrank_(model, SVDConfig(param_ratio=0.5, activation_aware=True), targets=["re:.*mlp.*"], calib_data=calib)
+    """
+    from .lowrank.svd import lowrank_ as _lowrank
+
+    return _lowrank(model, config, targets=targets, ignore=DEFAULT_IGNORE if ignore is None else ignore,
+                    calib_data=calib_data)
+
+
 def prune_(model: nn.Module, config, *, targets: Iterable = (nn.Linear,), ignore: Iterable | None = None,
            calib_data=None, on_module: Callable[[str, nn.Module, nn.Module], None] | None = None) -> nn.Module:
     """Prune ``model`` in place with a config from :mod:`torchcompress.prune` (magnitude, Wanda,

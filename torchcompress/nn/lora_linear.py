@@ -187,3 +187,22 @@ def requantize_like(base: nn.Module, w: torch.Tensor, name: str = "weight") -> n
     else:
         raise InputError(f"{name}: cannot merge a LoRA update into a {type(base).__name__} base")
     return new.requires_grad_(False)
+
+
+def lora_linear_manifest(m: LoRALinear) -> dict:
+    """Checkpoint entry; a quantized base gets its own entry (``<name>.base_layer``) after this one."""
+    if m.merged:
+        from ..errors import FormatError
+
+        raise FormatError("LoRALinear", "is merged; unmerge() or merge_lora_(model) (which unloads) before saving")
+    drop = m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
+    return {"type": "LoRALinear", "in_features": m.in_features, "out_features": m.out_features,
+            "bias": getattr(m.base_layer, "bias", None) is not None, "r": m.r, "alpha": m.alpha,
+            "dropout": drop, "use_rslora": m.use_rslora}
+
+
+def lora_linear_from_manifest(entry: dict, device="meta") -> LoRALinear:
+    with torch.device(device):
+        base = nn.Linear(int(entry["in_features"]), int(entry["out_features"]), bias=bool(entry["bias"]))
+        return LoRALinear(base, int(entry["r"]), float(entry["alpha"]), float(entry["dropout"]),
+                          bool(entry["use_rslora"]))
