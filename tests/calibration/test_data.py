@@ -158,3 +158,24 @@ def test_config_validation():
         CalibrationConfig(num_samples=0)
     with pytest.raises(ConfigError, match="calib"):
         parse_sources("a.txt@heavy")
+
+
+def test_selfgen_start_tokens():
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny import make_tokenizer
+    from torchcompress.errors import ConfigError
+
+    tok = make_tokenizer()  # no BOS, no document separator: EOS starts
+    eos = tok.eos_token_id
+    assert selfgen_mod._start_ids(tok, "bos") == [eos] and selfgen_mod._start_ids(tok, "document") == [eos]
+    base = tok.backend_tokenizer
+    base.add_special_tokens(["<|endoftext|>", "<|im_start|>"])
+    chat = PreTrainedTokenizerFast(tokenizer_object=base, bos_token="<|im_start|>", eos_token="<eos>")
+    doc = chat.convert_tokens_to_ids("<|endoftext|>")
+    assert selfgen_mod._start_ids(chat, "bos") == [chat.bos_token_id]
+    assert selfgen_mod._start_ids(chat, "document") == [doc]  # not the chat-role BOS
+    assert selfgen_mod._start_ids(chat, "<eos>") == [eos]
+    with pytest.raises(ConfigError, match="selfgen.start"):
+        selfgen_mod._start_ids(chat, "<nope>")
+    assert selfgen_mod._prefix(chat, SelfGenConfig(start="document", prompt="the"))[0] == doc

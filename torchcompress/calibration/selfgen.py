@@ -29,7 +29,9 @@ class SelfGenConfig:
     top_p: float = 0.95
     batch_size: int = 32
     seed: int = 0
-    prompt: str = ""  # text after BOS that every sample starts with ("" = BOS alone)
+    prompt: str = ""  # text after the start token that every sample starts with
+    start: str = "bos"  # "bos", "document" (the pretraining document separator, see _start_ids) or a token
+
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size"):
@@ -95,11 +97,35 @@ def generate(model, prefix: list[int], cfg: SelfGenConfig) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def _prefix(tokenizer, cfg: SelfGenConfig) -> list[int]:
+# tokens that separate documents in pretraining data (GPT-2, SmolLM, Qwen, StarCoder; Llama 3)
+_DOCUMENT_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
+
+def _start_ids(tokenizer, start: str) -> list[int]:
+    """The token(s) every sample starts from.
+
+    "document" continues after a pretraining document separator, so an instruction-tuned model
+    writes the mix of web text, code and prose it was pretrained on rather than chat turns (its BOS
+    is often a chat-role token such as SmolLM2-Instruct's ``<|im_start|>``); models without such a
+    token start from BOS, which begins every document for Llama 2 / Mistral style tokenizers.
+    """
+    vocab = tokenizer.get_vocab()
+    if start not in ("bos", "document"):
+        if start not in vocab:
+            raise ConfigError("selfgen.start", f"{start!r} is not a token of this tokenizer (or 'bos', 'document')")
+        return [vocab[start]]
+    if start == "document":
+        for t in _DOCUMENT_TOKENS:
+            if t in vocab:
+                return [vocab[t]]
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         bos = getattr(tokenizer, "eos_token_id", None)
-    prefix = [] if bos is None else [bos]
+    return [] if bos is None else [bos]
+
+
+def _prefix(tokenizer, cfg: SelfGenConfig) -> list[int]:
+    prefix = _start_ids(tokenizer, cfg.start)
     if cfg.prompt:
         prefix += tokenizer(cfg.prompt, add_special_tokens=False).input_ids
     if not prefix:
@@ -118,7 +144,7 @@ def sample_documents(model, tokenizer, cfg: SelfGenConfig, cache_root=None) -> t
     root = (cache_root or cache_dir()) / "calibration"
     key = cache_key(model, cfg)
     path = root / f"self-{key}.safetensors"
-    desc = (f"sampled from the model (T={cfg.temperature}, top-p={cfg.top_p}, seed {cfg.seed}, "
+    desc = (f"sampled from the model (start {cfg.start}, T={cfg.temperature}, top-p={cfg.top_p}, seed {cfg.seed}, "
             f"{cfg.num_samples} x {cfg.seq_len}, cache {key[:12]})")
     if path.is_file():
         try:
