@@ -30,7 +30,8 @@ def _rtn(linear: nn.Linear, cfg: RTNConfig, name: str) -> nn.Module:
 
 
 def _qat(linear: nn.Linear, cfg: QATConfig, name: str) -> nn.Module:
-    return QuantLinear.from_linear(linear, cfg.scheme, qat=True, name=f"{name}.weight")
+    return QuantLinear.from_linear(linear, cfg.scheme, qat=True, name=f"{name}.weight",
+                                   learnable_scale=cfg.learnable_scale)
 
 
 # dispatch keyed by config *type*; later techniques add their config classes here.

@@ -129,13 +129,18 @@ class QATConfig:
     """Prepare Linear layers for quantization-aware training (fake-quant + straight-through estimator).
 
     Call :func:`torchcompress.freeze_` after training to pack the weights.
+    ``learnable_scale``: LSQ step sizes (trainable scales, RTN init, gradient scaled by
+    1/sqrt(n * Q_P)); see ``nn/lsq.py``. Off: scales follow each group's range (plain STE).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
+    learnable_scale: bool = False
 
     def __post_init__(self):
         if not isinstance(self.scheme, QuantScheme):
             raise ConfigError("scheme", f"must be a QuantScheme, got {type(self.scheme).__name__}")
+        if not isinstance(self.learnable_scale, bool):
+            raise ConfigError("learnable_scale", f"must be true or false, got {self.learnable_scale!r}")
 
 
 # The one name -> config class table for recipes (`kind:` of a stage). Techniques add theirs here.

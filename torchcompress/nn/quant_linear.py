@@ -73,8 +73,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("zero", torch.zeros(self._qparam_shape(), dtype=torch.uint8, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, qat: bool = False, name: str = "weight") -> "QuantLinear":
-        """Quantize ``linear`` (RTN) into a new QuantLinear; ``name`` labels errors (NaN/Inf weights)."""
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, qat: bool = False, name: str = "weight",
+                    learnable_scale: bool = False) -> "QuantLinear":
+        """Quantize ``linear`` (RTN) into a new QuantLinear; ``name`` labels errors (NaN/Inf weights).
+        ``learnable_scale`` (QAT only): LSQ step sizes, initialised to the RTN scales (see nn/lsq.py)."""
         w = linear.weight.detach()
         if w.numel() == 0:  # name the tensor before the shape check in __init__ would
             raise NumericError(name, f"is empty (shape {tuple(w.shape)})")
@@ -86,6 +88,8 @@ class QuantLinear(nn.Module):
 
             check_finite(w, name)
             mod.weight = nn.Parameter(w.clone())
+            if learnable_scale:
+                mod._init_lsq()
         else:
             mod.weight = None
             mod._set_packed_from(w, name)
@@ -103,6 +107,46 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("zero", q.zero)
 
+    @torch.no_grad()
+    def _init_lsq(self) -> None:
+        """LSQ: a float ``weight_scale`` parameter (RTN init) and fixed integer-valued ``weight_zero``."""
+        from ..primitives.affine import compute_qparams
+
+        scale, zero, _ = compute_qparams(self.weight.detach(), self.scheme)
+        self.weight_scale = nn.Parameter(scale.float())
+        self.register_buffer("weight_zero", None if zero is None else zero.float())
+
+    @property
+    def learnable_scale(self) -> bool:
+        return getattr(self, "weight_scale", None) is not None
+
+    def _fake_quant_weight(self) -> torch.Tensor:
+        if self.learnable_scale:
+            from .lsq import lsq_fake_quantize
+
+            return lsq_fake_quantize(self.weight, self.weight_scale, self.weight_zero, self.scheme, self.group_size)
+        return fake_quantize_ste(self.weight, self.scheme)
+
+    def _set_packed_lsq(self, w: torch.Tensor, name: str) -> None:
+        from ..primitives.affine import _sanitize_scale, check_finite, quantize_with_qparams
+
+        check_finite(w, name)
+        check_finite(self.weight_scale.detach(), f"{name}_scale")
+        if bool((self.weight_scale <= 0).any()):
+            raise NumericError(f"{name}_scale", "a learned step size is <= 0 (learning rate too high for the scales?)")
+        scale = _sanitize_scale(self.weight_scale.detach().float(), self.scheme.torch_scale_dtype)
+        zero = None if self.weight_zero is None else self.weight_zero.round().to(torch.uint8)
+        codes = quantize_with_qparams(w, scale, zero, self.scheme.bits, self.group_size)
+        for key in ("qweight", "scale", "zero"):
+            self._buffers.pop(key, None)
+            self.__dict__.pop(key, None)
+        self.register_buffer("qweight", pack(codes, self.scheme.bits))
+        self.register_buffer("scale", scale)
+        if zero is None:
+            self.zero = None
+        else:
+            self.register_buffer("zero", zero)
+
     # -- state changes ------------------------------------------------------------------------
 
     @property
@@ -115,7 +159,12 @@ class QuantLinear(nn.Module):
         ``name`` labels errors (a NaN master weight after training)."""
         if not self.is_packed:
             w = self.weight.detach()
-            self._set_packed_from(w, name)  # raises before anything changes
+            if self.learnable_scale:  # pack with the learned step sizes, not fresh RTN ones
+                self._set_packed_lsq(w, name)
+                del self.weight_scale
+                del self.weight_zero
+            else:
+                self._set_packed_from(w, name)  # raises before anything changes
             del self.weight
             self.weight = None
         return self
@@ -134,7 +183,7 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight this layer computes with."""
         if not self.is_packed:
-            return fake_quantize_ste(self.weight, self.scheme).detach().to(dtype)
+            return self._fake_quant_weight().detach().to(dtype)
         return dequantize_packed(
             self.qweight, self.scale, self.zero, self.scheme.bits, self.group_size, self.in_features, dtype
         )
@@ -143,7 +192,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if not self.is_packed:
-            w = fake_quantize_ste(self.weight, self.scheme)
+            w = self._fake_quant_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.torchcompress.int_linear(
             x, self.qweight, self.scale, self.zero, self.bias,
