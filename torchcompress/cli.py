@@ -178,9 +178,14 @@ def cmd_compress(args) -> int:
     report.extra["out"] = str(args.out)
     report.extra["disk_bytes_after"] = dir_bytes(Path(args.out) / WEIGHTS_NAME)
     if windows is not None:
+        from . import telemetry
+
         bar = _progress(2 * windows.ids.shape[0], "eval")
-        res = evaluate(lm.model, windows, ref_model=reference, progress=lambda n: bar.update(2 * n))
+        tel = {"torchcompress.recipe.name": recipe.name, "torchcompress.eval.text": windows.description}
+        with telemetry.eval_scope(lm.model, reference, tel):  # no-op unless OTEL_* configured telemetry
+            res = evaluate(lm.model, windows, ref_model=reference, progress=lambda n: bar.update(2 * n))
         bar.close()
+        telemetry.record_eval_result(res, tel)
         report.extra.update(perplexity_before=res.perplexity_ref, perplexity_after=res.perplexity,
                             kl_divergence=res.kl_divergence, top1_agreement=res.top1_agreement,
                             eval={"text": windows.description, "windows": res.windows, "seq_len": res.seq_len,
@@ -212,9 +217,14 @@ def cmd_eval(args) -> int:
 
     lm = load_model(args.model)
     windows = _eval_windows(lm.tokenizer, args.text, args.seq_len, args.windows)
+    from . import telemetry
+
     bar = _progress(windows.ids.shape[0], "eval")
-    res = evaluate(lm.model, windows, progress=bar.update)
+    tel = {"torchcompress.model.name": lm.description, "torchcompress.eval.text": windows.description}
+    with telemetry.eval_scope(lm.model, None, tel):  # no-op unless OTEL_* configured telemetry
+        res = evaluate(lm.model, windows, progress=bar.update)
     bar.close()
+    telemetry.record_eval_result(res, tel)
     d = {"model": lm.description, "text": windows.description, **res.to_dict()}
     if args.json:
         _write_json(args.json, d)
@@ -346,8 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from . import telemetry  # imports OpenTelemetry only when OTEL_* ask for telemetry
+
+    telemetry.configure_from_env()
     try:
-        return args.fn(args)
+        with telemetry.command_span(args.command):
+            return args.fn(args)
     except InputError as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
@@ -361,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1
+    finally:
+        telemetry.shutdown()  # bounded: a dead collector never holds up the exit
 
 
 if __name__ == "__main__":

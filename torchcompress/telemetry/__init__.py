@@ -22,8 +22,8 @@ from .config import SignalConfig, TelemetryConfig
 
 log = logging.getLogger("torchcompress.telemetry")
 
-__all__ = ["SignalConfig", "TelemetryConfig", "configure", "configure_from_env", "enabled", "flush", "instrument",
-           "record_eval", "record_speedup", "shutdown", "uninstrument"]
+__all__ = ["SignalConfig", "TelemetryConfig", "command_span", "configure", "configure_from_env", "enabled", "eval_scope",
+           "flush", "instrument", "record_eval", "record_eval_result", "record_speedup", "shutdown", "uninstrument"]
 
 
 def configure(config: TelemetryConfig | None = None, *, endpoint: str | None = None, protocol: str = "http/protobuf",
@@ -114,6 +114,27 @@ def record_speedup(speedup: float, attributes: dict | None = None) -> None:
     from .record import record_speedup as _record_speedup
 
     _record_speedup(speedup, attributes)
+
+
+def command_span(command: str):
+    """The CLI's root span for one command (nothing when telemetry is off)."""
+    from .record import command_span as _command_span
+
+    return _command_span(command)
+
+
+def eval_scope(model, reference=None, attributes: dict | None = None):
+    """Span + forward timing (+ speedup vs ``reference``) around an evaluation; nothing when off."""
+    from .record import eval_scope as _eval_scope
+
+    return _eval_scope(model, reference, attributes)
+
+
+def record_eval_result(res, attributes: dict | None = None) -> None:
+    """Perplexity (before/after, increase), KL and top-1 agreement of an EvalResult as metrics."""
+    from .record import record_eval_result as _record
+
+    _record(res, attributes)
 
 
 instrument.__doc__ = "Time forward passes with removable hooks (see :func:`torchcompress.telemetry.hooks.instrument`)."

@@ -106,3 +106,17 @@ def timed_eval(model, reference=None, attributes: dict | None = None):
             tr.remove()
             if tm.count and tr.count and tm.total_ms > 0:
                 record_speedup(tr.mean_ms / tm.mean_ms, a)
+
+
+@contextlib.contextmanager
+def eval_scope(model, reference=None, attributes: dict | None = None):
+    """An evaluation: a ``torchcompress.eval`` span, and the forwards of ``model`` (and
+    ``reference``) timed into ``torchcompress.inference.duration`` with the speedup at the end."""
+    with span(N.SPAN_EVAL, attributes), timed_eval(model, reference, attributes):
+        yield
+
+
+def record_eval_result(res, attributes: dict | None = None) -> None:
+    """:func:`record_eval` for a :class:`torchcompress.eval.perplexity.EvalResult`."""
+    record_eval(res.perplexity, baseline_perplexity=res.perplexity_ref, kl_divergence=res.kl_divergence,
+                top1_agreement=res.top1_agreement, attributes={**(attributes or {}), N.EVAL_TOKENS: res.tokens})
