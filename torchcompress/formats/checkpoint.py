@@ -141,7 +141,7 @@ def apply_manifest(model: nn.Module, manifest: dict, device="meta", source: str 
     """Swap empty compressed modules (on ``device``) into ``model`` where the manifest names them."""
     for name, entry in manifest["modules"].items():
         kind = entry.get("type") if isinstance(entry, dict) else None
-        if kind not in MODULE_KINDS:
+        if not isinstance(kind, str) or kind not in MODULE_KINDS:
             raise FormatError(source, f"module {name!r}: unknown type {kind!r}")
         try:
             model.get_submodule(name)

@@ -78,4 +78,7 @@ def gguf_linear_from_manifest(entry: dict, device="meta") -> GGUFLinear:
         qt = GGMLType[str(entry["qtype"])]
     except KeyError:
         raise ConfigError("qtype", f"unknown GGUF block type {entry.get('qtype')!r}") from None
+    for field in ("in_features", "out_features"):  # a hostile manifest: sizes before any allocation
+        if int(entry[field]) < 1:
+            raise ConfigError(field, f"must be a positive integer, got {entry[field]!r}")
     return GGUFLinear(int(entry["in_features"]), int(entry["out_features"]), qt, bool(entry["bias"]), device=device)
