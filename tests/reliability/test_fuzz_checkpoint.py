@@ -18,7 +18,7 @@ import torchcompress as tc
 from tests.formats.test_checkpoint import quantized_seq, skeleton, x_in
 from tests.reliability._fuzz import fuzz, json_values, no_hang
 from torchcompress.errors import InputError
-from torchcompress.formats.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from torchcompress.formats.checkpoint import MANIFEST_NAME, MODULE_KINDS, WEIGHTS_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -109,7 +109,7 @@ def test_fuzz_manifest_module_entries(base, data):
     entry["scheme"]["group_size"] = data.draw(st.sampled_from([-1, 0, 1, 7, 32, 48, 2**62]))
     entry["scheme"]["granularity"] = data.draw(st.sampled_from(["group", "channel", "tensor", "row", ""]))
     entry["scheme"]["symmetric"] = data.draw(st.booleans())
-    entry["type"] = data.draw(st.sampled_from(["QuantLinear", "GPTQLinear", "GGUFLinear", "Linear", "os.system"]))
+    entry["type"] = data.draw(st.sampled_from(sorted(MODULE_KINDS) + ["Linear", "os.system"]))  # every kind, as they land
     if entry["type"] == "GGUFLinear":
         entry["qtype"] = data.draw(st.sampled_from(["Q4_0", "Q8_0", "Q6_K", "F32", "nope"]))
     m["modules"][name] = entry
