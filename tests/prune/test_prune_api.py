@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.tiny import calibrated_tiny_llama
 from torchcompress.api import prune_
 from torchcompress.errors import ConfigError, NumericError
 from torchcompress.formats.checkpoint import load_compressed, save_compressed
@@ -11,9 +10,6 @@ from torchcompress.primitives.sparsity import magnitude_mask
 from torchcompress.prune import MagnitudePruneConfig, SparseGPTConfig, WandaConfig, make_permanent_, sparsity_report
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return calibrated_tiny_llama()
 
 
 def _fresh(tiny):

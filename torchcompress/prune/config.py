@@ -114,6 +114,7 @@ class StructuredPruneConfig:
     importance: str = "l2"
     allocation: str = "uniform"
     max_layer_ratio: float = 0.9
+    physical: bool = True  # False: zero the same rows/columns with masks instead (same outputs)
 
     def __post_init__(self):
         _check_float("mlp_ratio", self.mlp_ratio, 0.0, 0.99)
@@ -127,6 +128,8 @@ class StructuredPruneConfig:
             raise ConfigError("allocation", "adaptive rates compare channels across layers: needs importance: activation")
         if self.allocation == "adaptive" and self.head_ratio:
             raise ConfigError("head_ratio", "adaptive allocation covers MLP channels only; set head_ratio: 0")
+        if not isinstance(self.physical, bool):
+            raise ConfigError("physical", f"must be true or false, got {self.physical!r}")
         if self.max_layer_ratio < self.mlp_ratio:
             raise ConfigError("max_layer_ratio", f"must be >= mlp_ratio ({self.mlp_ratio}), got {self.max_layer_ratio}")
 
