@@ -5,6 +5,11 @@ Bit-exact with ggml's reference quantizers (``quantize_row_*_ref``); see :mod:`g
 
     >>> data = quantize(torch.randn(8, 512), GGMLType.Q4_K)    # (8, 2*144) uint8
     >>> w = dequantize(data, GGMLType.Q4_K, (8, 512))          # (8, 512) float32
+
+``quantize`` runs the native kernel (``kernels/cpu/gguf_quant.cpp``, byte-identical, multithreaded)
+when it is built, and the vectorized PyTorch reference otherwise or with
+``TORCHCOMPRESS_KERNEL=reference``. Importance weights (llama.cpp's imatrix, one value per column)
+select ggml's importance-weighted K-quant path; it exists natively only.
 """
 
 from __future__ import annotations
@@ -48,8 +53,34 @@ def can_quantize(qtype: GGMLType, n_per_row: int) -> bool:
     return n_per_row % LAYOUTS[GGMLType(qtype)].block_size == 0
 
 
-def quantize(x: torch.Tensor, qtype: GGMLType, name: str = "tensor") -> torch.Tensor:
-    """(..., K) float -> (..., row_bytes) uint8 in ggml's layout for ``qtype`` (F32/F16/BF16 too)."""
+_KQUANTS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+
+
+def _native_op():
+    """``torch.ops.tc_gguf.quantize`` when the native extension is usable, else None."""
+    from ..ops.backend import Backend, selected_backend
+
+    if selected_backend() is Backend.REFERENCE:
+        return None
+    from ..ops.native import load_native
+
+    if load_native() is None:
+        return None
+    try:
+        return torch.ops.tc_gguf.quantize
+    except (AttributeError, RuntimeError):  # an installed extension built before gguf_quant.cpp
+        return None
+
+
+def quantize(
+    x: torch.Tensor, qtype: GGMLType, name: str = "tensor", importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(..., K) float -> (..., row_bytes) uint8 in ggml's layout for ``qtype`` (F32/F16/BF16 too).
+
+    ``importance``: optional (K,) non-negative weights per column (llama.cpp's imatrix) for the
+    K-quants, giving ``quantize_q*_K(..., quant_weights)``'s bytes; other types reject it
+    (their importance-weighted variants are not implemented).
+    """
     qtype = GGMLType(qtype)
     if x.numel() == 0:
         raise NumericError(name, "is empty")
@@ -65,8 +96,36 @@ def quantize(x: torch.Tensor, qtype: GGMLType, name: str = "tensor") -> torch.Te
         raise ConfigError(
             "qtype", f"{name}: rows of {k} weights are not a multiple of {qtype.name}'s block of {LAYOUTS[qtype].block_size}"
         )
-    out = _QUANT[qtype](x.reshape(-1, k))
+    if importance is not None:
+        importance = _check_importance(importance, qtype, k, name)
+    op = _native_op()
+    if op is not None:
+        out = op(x.detach().reshape(-1, k).to(torch.float32).contiguous(), int(qtype), importance)
+    elif importance is not None:
+        raise ConfigError(
+            "importance", f"{name}: importance-weighted (imatrix) quantization needs the native CPU kernels "
+            "(torchcompress.ops.native: a C++ compiler and ninja), and TORCHCOMPRESS_KERNEL must not be 'reference'"
+        )
+    else:
+        out = _QUANT[qtype](x.reshape(-1, k))
     return out.reshape(*lead, row_bytes(qtype, k))
+
+
+def quantize_reference(x: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
+    """The pure-PyTorch quantizer for (R, K) float ``x`` (what ``quantize`` falls back to)."""
+    qtype = GGMLType(qtype)
+    return _QUANT[qtype](x.reshape(-1, x.shape[-1]))
+
+
+def _check_importance(imp: torch.Tensor, qtype: GGMLType, k: int, name: str) -> torch.Tensor:
+    if qtype not in _KQUANTS:
+        raise ConfigError("importance", f"{name}: importance weights apply to the K-quants only, not {qtype.name}")
+    imp = imp.detach().to(torch.float32).reshape(-1).contiguous()
+    if imp.numel() != k:
+        raise ConfigError("importance", f"{name}: {imp.numel()} importance weights for rows of {k} columns")
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise NumericError(f"{name}.importance", "must be finite and non-negative")
+    return imp
 
 
 def dequantize(data: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:

@@ -6,6 +6,11 @@ vendors it; nothing of it is copied into this repository) together with a tiny h
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcpp && tar xzf ...
     python tests/data/gguf/gen_vectors.py /tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml
+    python tests/data/gguf/gen_vectors.py --imatrix /tmp/lcpp/.../ggml   # -> ggml_imatrix_vectors.npz
+
+``--imatrix`` stores the K-quants' importance-weighted path instead: ``quantize_q*_K(src, dst, nrow,
+n_per_row, quant_weights)`` with one weight per column, as llama.cpp's quantizer calls it with an
+imatrix (``ggml_row_size`` and ``ggml_abort``, the ggml.c symbols it needs, are defined in the harness).
 
 Compiled with ``-O2 -DNDEBUG -ffp-contract=off`` (NDEBUG as in release builds, whose asserts are off) for the baseline x86-64 ISA: plain IEEE float32, one rounding
 per operation, which is what ggml's reference code specifies (an -march=native build may fuse
@@ -34,9 +39,26 @@ HARNESS = r"""
 #include "ggml.h"
 #include "ggml-quants.h"
 
-/* usage: harness TYPE N IN.f32 OUT.bin ; N floats, quantized as one row of N */
+void ggml_abort(const char * file, int line, const char * fmt, ...) {  /* GGML_ASSERT's target */
+    fprintf(stderr, "ggml_abort at %s:%d\n", file, line);
+    abort();
+}
+
+size_t ggml_row_size(enum ggml_type type, int64_t ne) {  /* K-quants only (used by quantize_q*_K) */
+    switch (type) {
+        case GGML_TYPE_Q2_K: return ne / 256 * 84;
+        case GGML_TYPE_Q3_K: return ne / 256 * 110;
+        case GGML_TYPE_Q4_K: return ne / 256 * 144;
+        case GGML_TYPE_Q5_K: return ne / 256 * 176;
+        case GGML_TYPE_Q6_K: return ne / 256 * 210;
+        default: abort();
+    }
+}
+
+/* usage: harness TYPE N IN.f32 OUT.bin [NPR QW.f32]; N floats, quantized as one row of N, or as
+   rows of NPR with importance weights QW (NPR floats) through quantize_<type> */
 int main(int argc, char ** argv) {
-    if (argc != 5) return 2;
+    if (argc != 5 && argc != 7) return 2;
     const char * t = argv[1];
     long n = atol(argv[2]);
     float * x = malloc(n * sizeof(float));
@@ -45,11 +67,23 @@ int main(int argc, char ** argv) {
     if (!f || fread(x, sizeof(float), n, f) != (size_t) n) return 3;
     fclose(f);
     size_t bytes = 0;
+    if (argc == 7) {
+        long npr = atol(argv[5]);
+        float * qw = malloc(npr * sizeof(float));
+        f = fopen(argv[6], "rb");
+        if (!f || fread(qw, sizeof(float), npr, f) != (size_t) npr) return 3;
+        fclose(f);
+#define QCASE(name) if (!strcmp(t, #name)) { bytes = quantize_##name(x, y, n / npr, npr, qw); }
+        QCASE(q2_K) QCASE(q3_K) QCASE(q4_K) QCASE(q5_K) QCASE(q6_K)
+        if (!bytes) return 4;
+        goto write;
+    }
 #define CASE(name, blk, sz) if (!strcmp(t, #name)) { quantize_row_##name##_ref(x, y, n); bytes = n / blk * sz; }
     CASE(q4_0, 32, 18) CASE(q4_1, 32, 20) CASE(q5_0, 32, 22) CASE(q5_1, 32, 24) CASE(q8_0, 32, 34)
     CASE(q8_1, 32, 36) CASE(q2_K, 256, 84) CASE(q3_K, 256, 110) CASE(q4_K, 256, 144) CASE(q5_K, 256, 176)
     CASE(q6_K, 256, 210)
     if (!bytes) return 4;
+write:
     f = fopen(argv[4], "wb");
     fwrite(y, 1, bytes, f);
     fclose(f);
@@ -91,7 +125,30 @@ def inputs() -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in c.items()}
 
 
-def main(ggml_dir: str, out: str) -> None:
+def imatrix_inputs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Named ((rows, n_per_row) weights, (n_per_row,) importance) cases for the imatrix path."""
+    rng = np.random.default_rng(4321)
+    c = {}
+    # LLM-like weights; importance like mean squared activations: positive, heavy-tailed
+    w = rng.standard_normal((24, 512)) * 0.02 + rng.standard_t(3, (24, 512)) * 0.005
+    c["llm"] = (w, rng.chisquare(1, 512) * rng.uniform(0.01, 10, 512))
+    c["randn_flat_imp"] = (rng.standard_normal((8, 256)), np.ones(256))
+    x = rng.standard_normal((6, 256))
+    x[0] = 0
+    x[1, :64] = 0
+    x[2, 32:48] = 0
+    x[3, :] = 0.5
+    imp = rng.uniform(0, 2, 256)
+    imp[::7] = 0  # dead columns
+    c["zeros_and_dead_columns"] = (x, imp)
+    o = rng.standard_normal((6, 768)) * 0.01
+    o[0, 7], o[1, 300], o[2, ::50], o[3, 700] = 5.0, -8.0, 0.3, 1e3
+    c["outliers"] = (o, rng.lognormal(0, 2, 768))
+    c["bulk"] = (rng.standard_t(4, (96, 512)) * rng.uniform(0.005, 0.05, (96, 1)), rng.lognormal(0, 1.5, 512))
+    return {k: (v.astype(np.float32), q.astype(np.float32)) for k, (v, q) in c.items()}
+
+
+def main(ggml_dir: str, out: str, imatrix: bool = False) -> None:
     ggml = Path(ggml_dir)
     src = ggml / "src" / "ggml-quants.c"
     if not src.is_file():
@@ -107,6 +164,20 @@ def main(ggml_dir: str, out: str) -> None:
         subprocess.run(["gcc", str(tmp / "h.o"), str(tmp / "q.o"), "-o", str(exe), "-lm",
                         "-Wl,--gc-sections"], check=True)
         arrays = {}
+        if imatrix:
+            for name, (x, qw) in imatrix_inputs().items():
+                arrays[f"in/{name}"] = x
+                arrays[f"imp/{name}"] = qw
+                (tmp / "in.f32").write_bytes(x.tobytes())
+                (tmp / "qw.f32").write_bytes(qw.tobytes())
+                for t in ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K"):
+                    subprocess.run([str(exe), t, str(x.size), str(tmp / "in.f32"), str(tmp / "out.bin"),
+                                    str(x.shape[1]), str(tmp / "qw.f32")], check=True)
+                    data = np.frombuffer((tmp / "out.bin").read_bytes(), dtype=np.uint8)
+                    arrays[f"out/{name}/{t}"] = data.reshape(x.shape[0], -1)
+            np.savez_compressed(out, **arrays)
+            print(f"wrote {out}: {len(arrays)} arrays")
+            return
         for name, x in inputs().items():
             arrays[f"in/{name}"] = x
             (tmp / "in.f32").write_bytes(x.tobytes())
@@ -119,4 +190,8 @@ def main(ggml_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).with_name("ggml_ref_vectors.npz")))
+    args = sys.argv[1:]
+    imat = "--imatrix" in args
+    args = [a for a in args if a != "--imatrix"]
+    default = "ggml_imatrix_vectors.npz" if imat else "ggml_ref_vectors.npz"
+    main(args[0], args[1] if len(args) > 1 else str(Path(__file__).with_name(default)), imatrix=imat)
