@@ -1,7 +1,10 @@
-// AVX-512 GGUF Q4_0 / Q8_0 GEMV, up to 8 rows of x per pass over a weight row.
-//   Q4_0: per block, a register holds the 16 weights d * (c - 8) and vpermps looks the nibbles up;
-//         low nibbles pair with x[0:16] of the block, high nibbles with x[16:32] (ggml's order).
-//   Q8_0: sign-extend the 32 int8 codes, times d.
+// AVX-512 GGUF kernels. One decoder per block type turns a block into 16-float vectors of
+// consecutive weights and hands each to a visitor: the fused GEMV visitor multiplies it into up to
+// 8 rows of x (two accumulators each, to halve the FMA dependency chains), the dequantizer stores it.
+//   4-bit types: a register holds the 16 possible weights of a (sub-)block and vpermps looks the
+//                nibbles up (vpermps reads only the low 4 bits of each index);
+//   5-bit types: two such tables, vpermt2ps with bit 4 of the index taken from qh;
+//   Q8_0, Q6_K:  integer codes converted to fp32 and scaled.
 #include <cstring>
 
 #include "gguf_linear.h"
@@ -22,49 +25,157 @@ namespace tc_kernels {
 #ifdef TC_HAVE_X86
 namespace {
 
-inline float block_d(const uint8_t* b) {
+inline float f16_at(const uint8_t* b) {
   uint16_t h;
   std::memcpy(&h, b, 2);
   return _cvtsh_ss(h);
 }
 
-template <int MB>
-void rows_mb(const GGUFProblem& p, int64_t m0, int64_t n0, int64_t n1) {
-  const __m512 iota8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  const int64_t nblk = p.K / 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.blocks + n * p.row_bytes;
-    __m512 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nblk; ++i) {
-      __m512 w0, w1;
-      if (p.qtype == kGGMLQ4_0) {
-        const uint8_t* b = row + i * 18;
-        const __m512 table = _mm512_mul_ps(iota8, _mm512_set1_ps(block_d(b)));
-        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
-        w0 = _mm512_permutexvar_ps(c, table);
-        w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+inline __m512i u8x16(const uint8_t* b) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))); }
+
+inline __m512 iota(float first) {
+  return _mm512_add_ps(_mm512_set1_ps(first), _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+// Table of d * (c + first) for c = 0..15 (the reference's product of d and the float code).
+inline __m512 table_d(float d, float first) { return _mm512_mul_ps(iota(first), _mm512_set1_ps(d)); }
+// Tables of d * c + m (Q4_1/Q5_1) and d * c - m (K-quants), rounded as the reference rounds them.
+inline __m512 table_dm(float d, float first, float m) { return _mm512_add_ps(table_d(d, first), _mm512_set1_ps(m)); }
+inline __m512 table_dsub(float d, float first, float m) { return _mm512_sub_ps(table_d(d, first), _mm512_set1_ps(m)); }
+
+// 5-bit lookup: low 4 bits from `nib` (already 0..15), bit 4 from mask `hi` (lane set = +16).
+inline __m512 lookup5(__m512i nib, __mmask16 hi, __m512 lo_t, __m512 hi_t) {
+  const __m512i idx = _mm512_mask_or_epi32(nib, hi, nib, _mm512_set1_epi32(16));
+  return _mm512_permutex2var_ps(lo_t, idx, hi_t);
+}
+
+template <class F>
+inline void decode32(int qtype, const uint8_t* b, F&& f) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  const float d = f16_at(b);
+  switch (qtype) {
+    case kGGMLQ4_0: {
+      const __m512 t = table_d(d, -8.0f);
+      const __m512i c = u8x16(b + 2);
+      f(0, _mm512_permutexvar_ps(c, t));
+      f(16, _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t));
+      break;
+    }
+    case kGGMLQ4_1: {
+      const __m512 t = table_dm(d, 0.0f, f16_at(b + 2));
+      const __m512i c = u8x16(b + 4);
+      f(0, _mm512_permutexvar_ps(c, t));
+      f(16, _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t));
+      break;
+    }
+    case kGGMLQ5_0:
+    case kGGMLQ5_1: {
+      const bool one = qtype == kGGMLQ5_1;
+      __m512 lo_t, hi_t;
+      if (one) {
+        const float m = f16_at(b + 2);
+        lo_t = table_dm(d, 0.0f, m);
+        hi_t = table_dm(d, 16.0f, m);
       } else {
-        const uint8_t* b = row + i * 34;
-        const __m512 d = _mm512_set1_ps(block_d(b));
-        w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)))), d);
-        w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)))), d);
+        lo_t = table_d(d, -16.0f);
+        hi_t = table_d(d, 0.0f);
       }
-      for (int m = 0; m < MB; ++m) {
-        const float* x = p.x + (m0 + m) * p.K + i * 32;
-        tot[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), tot[m]);
-        tot[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), tot[m]);
+      uint32_t qh;
+      std::memcpy(&qh, b + (one ? 4 : 2), 4);
+      const __m512i c = u8x16(b + (one ? 8 : 6));
+      f(0, lookup5(_mm512_and_si512(c, low4), static_cast<__mmask16>(qh & 0xFFFFu), lo_t, hi_t));
+      f(16, lookup5(_mm512_srli_epi32(c, 4), static_cast<__mmask16>(qh >> 16), lo_t, hi_t));
+      break;
+    }
+    default: {  // Q8_0
+      const __m512 vd = _mm512_set1_ps(d);
+      for (int j = 0; j < 32; j += 16) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + j)));
+        f(j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), vd));
       }
     }
+  }
+}
+
+template <class F>
+inline void decode_q45_k(bool five, const uint8_t* b, F&& f) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  const uint8_t* qs = b + (five ? 48 : 16);
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+  for (int g = 0; g < 4; ++g) {
+    const __m512i c0 = u8x16(qs + 32 * g), c1 = u8x16(qs + 32 * g + 16);
+    for (int half = 0; half < 2; ++half) {
+      const int s = 2 * g + half;
+      int sc, mn;
+      scale_min_k4(s, b + 4, &sc, &mn);
+      const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(mn);
+      const __m512i n0 = half ? _mm512_srli_epi32(c0, 4) : c0;  // vpermps ignores bits 4..7
+      const __m512i n1 = half ? _mm512_srli_epi32(c1, 4) : c1;
+      if (!five) {
+        const __m512 t = table_dsub(dl, 0.0f, ml);
+        f(32 * s, _mm512_permutexvar_ps(n0, t));
+        f(32 * s + 16, _mm512_permutexvar_ps(n1, t));
+      } else {
+        const __m512 lo_t = table_dsub(dl, 0.0f, ml), hi_t = table_dsub(dl, 16.0f, ml);
+        const __mmask32 hb = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << s)));
+        f(32 * s, lookup5(_mm512_and_si512(n0, low4), static_cast<__mmask16>(hb), lo_t, hi_t));
+        f(32 * s + 16, lookup5(_mm512_and_si512(n1, low4), static_cast<__mmask16>(hb >> 16), lo_t, hi_t));
+      }
+    }
+  }
+}
+
+template <class F>
+inline void decode_q6_k(const uint8_t* b, F&& f) {
+  const __m512i low4 = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16_at(b + 208);
+  for (int h = 0; h < 2; ++h) {
+    for (int l0 = 0; l0 < 32; l0 += 16) {
+      const __m512i a = u8x16(b + 64 * h + l0), c = u8x16(b + 64 * h + 32 + l0), hb = u8x16(b + 128 + 32 * h + l0);
+      for (int k = 0; k < 4; ++k) {
+        const __m512i lo = k < 2 ? _mm512_and_si512(k ? c : a, low4) : _mm512_srli_epi32(k == 2 ? a : c, 4);
+        const __m512i hi = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2 * k), two), 4);
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(lo, hi), bias));
+        const int j = 128 * h + 32 * k + l0;
+        f(j, _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(sc[j >> 4])), q));
+      }
+    }
+  }
+}
+
+template <class F>
+inline void decode(int qtype, const uint8_t* b, F&& f) {
+  if (qtype == kGGMLQ4_K || qtype == kGGMLQ5_K) decode_q45_k(qtype == kGGMLQ5_K, b, f);
+  else if (qtype == kGGMLQ6_K) decode_q6_k(b, f);
+  else decode32(qtype, b, f);
+}
+
+template <int MB>
+void rows_mb(const GGUFProblem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nblk = p.K / p.block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.blocks + n * p.row_bytes;
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nblk; ++i) {
+      const float* x = p.x + m0 * p.K + i * p.block;
+      decode(p.qtype, row + i * p.block_bytes, [&](int off, __m512 w) {
+        const int a = (off >> 4) & 1;
+        for (int m = 0; m < MB; ++m) acc[m][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * p.K + off), acc[m][a]);
+      });
+    }
     const float bias = p.bias ? p.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(tot[m]) + bias;
+    for (int m = 0; m < MB; ++m)
+      p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + bias;
   }
 }
 
 }  // namespace
 
 void gguf_rows_avx512(const GGUFProblem& p, int64_t n0, int64_t n1) {
-  constexpr int64_t kRowBlock = 8;
+  constexpr int64_t kRowBlock = 8;  // weight rows stay in L1 while every slice of x passes over them
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = (nb + kRowBlock < n1) ? nb + kRowBlock : n1;
     for (int64_t m0 = 0; m0 < p.M;) {
@@ -82,9 +193,21 @@ void gguf_rows_avx512(const GGUFProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
+void gguf_dequant_avx512(const GGUFProblem& p, int64_t n0, int64_t n1, float* dst, int64_t ldd) {
+  const int64_t nblk = p.K / p.block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.blocks + n * p.row_bytes;
+    for (int64_t i = 0; i < nblk; ++i) {
+      float* w = dst + (n - n0) * ldd + i * p.block;
+      decode(p.qtype, row + i * p.block_bytes, [&](int off, __m512 v) { _mm512_storeu_ps(w + off, v); });
+    }
+  }
+}
+
 #else
 
 void gguf_rows_avx512(const GGUFProblem&, int64_t, int64_t) {}
+void gguf_dequant_avx512(const GGUFProblem&, int64_t, int64_t, float*, int64_t) {}
 
 #endif
 

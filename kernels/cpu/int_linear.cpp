@@ -14,33 +14,11 @@
 #include <string>
 #include <vector>
 
-#include "gguf_linear.h"
+#include "dispatch.h"
 #include "int_linear.h"
 
 namespace tc_kernels {
 namespace {
-
-enum class Isa { Portable, Avx2, Avx512 };
-
-std::vector<std::string> available_isas() {
-  std::vector<std::string> out;
-  if (cpu_has_avx512()) out.push_back("avx512");
-  if (cpu_has_avx2()) out.push_back("avx2");
-  out.push_back("portable");
-  return out;
-}
-
-Isa parse_isa(const std::string& name) {
-  const auto have = available_isas();
-  const std::string pick = name == "auto" ? have.front() : name;
-  TORCH_CHECK(std::find(have.begin(), have.end(), pick) != have.end(), "torchcompress._C: instruction set '", name,
-              "' is not available on this CPU (available: ", c10::Join(", ", have), ")");
-  if (pick == "avx512") return Isa::Avx512;
-  if (pick == "avx2") return Isa::Avx2;
-  return Isa::Portable;
-}
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Fills p from the tensors (shapes checked) and returns x as (M, K) fp32 contiguous.
 at::Tensor setup_problem(Problem& p, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -96,13 +74,6 @@ at::Tensor setup_problem(Problem& p, const at::Tensor& x, const at::Tensor& qwei
     p.bias = b.data_ptr<float>();
   }
   return x.reshape({p.M, K}).to(at::kFloat).contiguous();
-}
-
-// Rows per parallel task: enough work (~1M weight x activation products) that waking a second
-// thread pays for itself; smaller layers run on the calling thread. (An OpenMP region costs a few
-// microseconds on an idle machine but milliseconds when the cores are oversubscribed.)
-int64_t row_grain(int64_t K, int64_t M) {
-  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(K * std::min<int64_t>(M, 8), 1));
 }
 
 void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
@@ -197,50 +168,6 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::
   return out.to(x.scalar_type()).reshape(shape);
 }
 
-at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10::optional<at::Tensor>& bias,
-                       int64_t qtype, int64_t in_features, const std::string& isa_name) {
-  const Isa isa = parse_isa(isa_name);
-  TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), "torchcompress._C.gguf_linear: CPU tensors only");
-  TORCH_CHECK(qtype == kGGMLQ4_0 || qtype == kGGMLQ8_0, "gguf_linear: native kernels handle Q4_0 (2) and Q8_0 (8), got ", qtype);
-  const int64_t K = in_features;
-  TORCH_CHECK(K % 32 == 0, "gguf_linear: in_features ", K, " is not a multiple of the 32-weight block");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "gguf_linear: x's last dim ", x.size(-1), " != in_features ", K);
-  const int64_t per_block = qtype == kGGMLQ4_0 ? 18 : 34;
-  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.size(1) == K / 32 * per_block,
-              "gguf_linear: blocks must be (N, ", K / 32 * per_block, ") uint8, got ", blocks.sizes());
-  GGUFProblem p;
-  p.N = blocks.size(0);
-  p.K = K;
-  p.M = x.numel() / K;
-  p.qtype = static_cast<int>(qtype);
-  at::Tensor bl = blocks.contiguous();
-  p.blocks = bl.data_ptr<uint8_t>();
-  p.row_bytes = bl.size(1);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == p.N, "gguf_linear: bias has ", b.numel(), " elements, expected ", p.N);
-    p.bias = b.data_ptr<float>();
-  }
-  at::Tensor x2 = x.reshape({p.M, K}).to(at::kFloat).contiguous();
-  p.x = x2.data_ptr<float>();
-  at::Tensor out = at::empty({p.M, p.N}, x2.options());
-  p.out = out.data_ptr<float>();
-  if (p.M > 0 && p.N > 0) {
-    at::parallel_for(0, p.N, row_grain(K, p.M), [&](int64_t s, int64_t e) {
-      if (isa == Isa::Avx512) {
-        gguf_rows_avx512(p, s, e);
-      } else {
-        std::vector<float> wbuf(static_cast<size_t>(K));
-        gguf_rows_portable(p, s, e, wbuf.data());
-      }
-    });
-  }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = p.N;
-  return out.to(x.scalar_type()).reshape(shape);
-}
-
 }  // namespace
 }  // namespace tc_kernels
 
@@ -249,7 +176,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_linear", &tc_kernels::int_linear, "y = x @ dequant(qweight)^T + bias", py::arg("x"), py::arg("qweight"),
         py::arg("scale"), py::arg("zero"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
         py::arg("in_features"), py::arg("isa") = "auto", py::arg("path") = "auto", py::arg("gemv_max_batch") = 32);
-  m.def("gguf_linear", &tc_kernels::gguf_linear, "y = x @ dequant(GGUF Q4_0/Q8_0 blocks)^T + bias (fused GEMV)",
-        py::arg("x"), py::arg("blocks"), py::arg("bias"), py::arg("qtype"), py::arg("in_features"), py::arg("isa") = "auto");
+  m.def("gguf_linear", &tc_kernels::gguf_linear, "y = x @ dequant(GGUF blocks)^T + bias (fused GEMV / tiled GEMM)",
+        py::arg("x"), py::arg("blocks"), py::arg("bias"), py::arg("qtype"), py::arg("in_features"), py::arg("isa") = "auto",
+        py::arg("path") = "auto", py::arg("gemv_max_batch") = 32);
+  m.def("gguf_dequantize", &tc_kernels::gguf_dequantize, "GGUF blocks (N, row_bytes) -> (N, K) float32",
+        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("isa") = "auto");
   m.def("available_isas", &tc_kernels::available_isas, "instruction sets usable on this CPU, best first");
 }

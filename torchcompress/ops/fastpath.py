@@ -3,9 +3,9 @@
 :func:`int_linear_fast` returns the fast kernel's result, or ``None`` when no fast kernel applies, in
 which case the op runs the pure-PyTorch reference. ``TORCHCOMPRESS_KERNEL=reference`` skips it.
 
-* CPU: the native extension (:mod:`torchcompress.ops.native`) for 4- and 8-bit codes (and GGUF Q4_0/Q8_0
-  in :func:`gguf_linear_fast`); fp32, bf16 and
-  fp16 activations (computed in fp32, rounded once at the end).
+* CPU: the native extension (:mod:`torchcompress.ops.native`) for 4- and 8-bit codes, and in
+  :func:`gguf_linear_fast` for GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; fp32, bf16 and fp16
+  activations (computed in fp32, rounded once at the end).
 * CUDA: Triton kernels (:mod:`torchcompress.ops.triton.int_linear`), imported on first CUDA call.
 """
 
@@ -47,22 +47,24 @@ def int_linear_fast(
     return None
 
 
-GGUF_CPU_TYPES = (2, 8)  # GGMLType.Q4_0, GGMLType.Q8_0
-GGUF_GEMV_MAX_BATCH = 32  # the native GGUF kernel is a fused GEMV; larger batches use the reference
+# ggml types with native CPU kernels (GGMLType values): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-weight
+# blocks) and Q4_K, Q5_K, Q6_K (256-weight super-blocks) -> weights per block
+GGUF_CPU_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
+GGUF_GEMV_MAX_BATCH = 32  # up to this many rows of x: fused GEMV; more: dequantized tiles + at::mm
 
 
 def gguf_linear_fast(
     x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int
 ) -> Optional[torch.Tensor]:
     """``torchcompress::gguf_linear``'s fast kernel result, or ``None`` (the reference runs)."""
+    block = GGUF_CPU_BLOCK.get(int(qtype))
     if (
-        x.device.type != "cpu"
+        block is None
+        or x.device.type != "cpu"
         or blocks.device.type != "cpu"
         or x.dtype not in FLOAT_DTYPES
-        or int(qtype) not in GGUF_CPU_TYPES
-        or in_features % 32
+        or in_features % block
         or x.shape[-1] != in_features
-        or x.numel() // max(in_features, 1) > GGUF_GEMV_MAX_BATCH
     ):
         return None
     from .native import load_native
@@ -70,4 +72,4 @@ def gguf_linear_fast(
     ext = load_native()
     if ext is None:
         return None
-    return ext.gguf_linear(x, blocks, bias, int(qtype), in_features)
+    return ext.gguf_linear(x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH)
