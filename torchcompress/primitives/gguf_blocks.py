@@ -114,7 +114,8 @@ def quantize(
 def quantize_reference(x: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     """The pure-PyTorch quantizer for (R, K) float ``x`` (what ``quantize`` falls back to)."""
     qtype = GGMLType(qtype)
-    return _QUANT[qtype](x.reshape(-1, x.shape[-1]))
+    k = x.shape[-1]
+    return _QUANT[qtype](x.reshape(-1, k)).reshape(-1, row_bytes(qtype, k))
 
 
 def _check_importance(imp: torch.Tensor, qtype: GGMLType, k: int, name: str) -> torch.Tensor:

@@ -56,16 +56,16 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         diff = diff.abs() if use_mad else diff * diff
         return _seqsum(w * diff)
 
-    # Codes here are iscale*(x - min) with |.| <= ~nmax+1, far below 2^22, where ggml's nearest_int
-    # equals round-half-even: torch.round on floats saves the int round trip in this hot loop.
-    L = torch.round(iscale * (x - mn)).clamp_(0, nmax)
+    # ggml's nearest_int, not torch.round: they agree for finite codes, but denormal sub-blocks give
+    # iscale = inf and codes of inf/NaN, which nearest_int maps to 0 and torch.round does not.
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax).to(torch.float32)
     best = error(scale, mn, L)
     for step in range(nstep + 1):
         # the C loop uses the *current* min (updated below when a step wins) for range and codes
         f = np.float32
         c = float(f(rmin) + f(rdelta) * f(step) + f(nmax))  # float32 throughout, as in C
         iscale = cdiv(c, mx - mn)
-        lf = torch.round(iscale * (x - mn)).clamp_(0, nmax)
+        lf = nearest_int(iscale * (x - mn)).clamp_(0, nmax).to(torch.float32)
         wl = w * lf
         sum_l, sum_l2, sum_xl = _seqsum(torch.stack((wl, wl * lf, wl * x)))  # w*l, (w*l)*l, (w*l)*x
         D = sum_w * sum_l2 - sum_l * sum_l

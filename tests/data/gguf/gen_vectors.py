@@ -122,6 +122,8 @@ def inputs() -> dict[str, np.ndarray]:
     c["halves"] = (rng.integers(-64, 64, (4, 256)) + 0.5) / 8.0  # exact ties after scaling
     # many rows: rare decisions (a 1-ulp difference flipping a scale search) show up only in bulk
     c["bulk"] = rng.standard_t(4, (192, 256)) * rng.uniform(0.005, 0.05, (192, 1))
+    # denormal float32 inputs: scales underflow, iscale overflows to inf, codes of inf/NaN
+    c["denormal"] = rng.standard_normal((4, 256)) * np.array([1e-39, 1e-41, 1e-43, 1e-45])[:, None]
     return {k: v.astype(np.float32) for k, v in c.items()}
 
 
