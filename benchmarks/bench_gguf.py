@@ -2,9 +2,9 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_gguf.py [--no-model] [--kquant-rows 1024]
 
-1. a 4096x4096 tensor to Q4_0 and Q8_0: torchcompress (PyTorch) vs gguf-py (NumPy), and whether the
-   bytes are identical (goal: >= 3x faster, bit-identical);
-2. K-quant throughput (gguf-py has no K-quant quantizer);
+1. a 4096x4096 tensor to Q4_0 and Q8_0: torchcompress (native kernels, and the PyTorch reference) vs
+   gguf-py (NumPy), and whether the bytes are identical (goal: >= 3x faster, bit-identical);
+2. K-quant throughput, native and PyTorch reference (gguf-py has no K-quant quantizer);
 3. the whole default SmolLM2 export to Q4_K_M vs llama.cpp's ``llama_model_quantize`` of the same
    F32 .gguf (when llama-cpp-python is installed; goal: faster).
 """
@@ -40,28 +40,35 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gguf
 
-    from torchcompress.primitives.gguf_blocks import quantize
+    from torchcompress.primitives.gguf_blocks import _native_op, quantize, quantize_reference
     from torchcompress.primitives.gguf_common import GGMLType
 
     from importlib.metadata import version
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; gguf-py {version('gguf')}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; gguf-py {version('gguf')}; "
+          f"native kernels: {'yes' if _native_op() is not None else 'NO (PyTorch reference)'}")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 4096, generator=g) * 0.02
     xn = x.numpy()
     print("\n1. 4096x4096 float32 -> bytes (best of %d)" % a.repeat)
-    print(f"   {'type':6s} {'torchcompress':>14s} {'gguf-py':>10s} {'speedup':>8s}  identical")
+    print(f"   {'type':6s} {'torchcompress':>14s} {'(reference)':>12s} {'gguf-py':>10s} {'speedup':>8s}  identical")
     for name in ["Q4_0", "Q8_0"]:
         t_ours, ours = best_of(lambda: quantize(x, GGMLType[name]), a.repeat)
+        t_pt, pt = best_of(lambda: quantize_reference(x, GGMLType[name]), a.repeat)
         t_ref, ref = best_of(lambda: gguf.quants.quantize(xn, gguf.GGMLQuantizationType[name]), a.repeat)
-        same = np.array_equal(ours.numpy(), ref)
-        print(f"   {name:6s} {t_ours:12.3f} s {t_ref:8.3f} s {t_ref / t_ours:7.2f}x  {same}")
+        same = np.array_equal(ours.numpy(), ref) and np.array_equal(pt.numpy(), ref)
+        print(f"   {name:6s} {t_ours:12.3f} s {t_pt:10.3f} s {t_ref:8.3f} s {t_ref / t_ours:7.2f}x  {same}")
 
     print(f"\n2. K-quants, {a.kquant_rows}x4096 (gguf-py cannot produce these)")
     xk = x[: a.kquant_rows]
+    imp = torch.rand(4096, generator=g) + 0.05
+    print(f"   {'type':6s} {'native':>16s} {'imatrix':>16s} {'PyTorch reference':>20s}   (M weights/s)")
     for name in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
-        t, _ = best_of(lambda: quantize(xk, GGMLType[name]), 1)
-        print(f"   {name:6s} {t:8.2f} s  {xk.numel() / t / 1e6:8.2f} M weights/s")
+        t, out = best_of(lambda: quantize(xk, GGMLType[name]), a.repeat)
+        ti, _ = best_of(lambda: quantize(xk, GGMLType[name], importance=imp), a.repeat) if _native_op() else (0.0, None)
+        tr, ref = best_of(lambda: quantize_reference(xk, GGMLType[name]), 1)
+        rate = lambda s: f"{xk.numel() / s / 1e6:10.2f}" if s else f"{'-':>10s}"  # noqa: E731
+        print(f"   {name:6s} {rate(t):>16s} {rate(ti):>16s} {rate(tr):>20s}   identical: {torch.equal(out, ref)}")
 
     if a.no_model:
         return

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1018,10 +1020,24 @@ at::Tensor quantize(const at::Tensor& x, int64_t qtype, const c10::optional<at::
   at::Tensor out = at::empty({rows, nb_row * t.bytes}, x.options().dtype(at::kByte));
   const float* xp = xc.data_ptr<float>();
   uint8_t* yp = out.data_ptr<uint8_t>();
-  const int64_t grain = t.kquant ? 64 : 4096;
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    run_blocks(qtype, xp, yp, qwp, nb_row, b0, b1, t.block, t.bytes);
-  });
+  // Dynamic scheduling: each of at::parallel_for's threads takes small chunks from a shared counter
+  // until none is left, so a thread the OS preempts (a busy machine) delays one chunk, not a fixed
+  // half of the tensor.
+  const int64_t chunk = t.kquant ? 16 : 2048;
+  const int64_t nchunks = (nblocks + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nchunks);
+  auto work = [&]() {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
+      run_blocks(qtype, xp, yp, qwp, nb_row, c * chunk, std::min(nblocks, (c + 1) * chunk), t.block, t.bytes);
+  };
+  if (nthreads <= 1) {
+    work();
+  } else {
+    at::parallel_for(0, nthreads, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) work();
+    });
+  }
   return out;
 }
 
