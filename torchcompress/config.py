@@ -183,3 +183,8 @@ STAGE_KINDS["gptq"] = GPTQConfig
 from .quant.gguf_config import GGUFConfig  # noqa: E402  (GGUF block quantization, issue #3)
 
 STAGE_KINDS["gguf"] = GGUFConfig
+
+from .prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig  # noqa: E402  (issue #6)
+
+STAGE_KINDS.update(prune_magnitude=MagnitudePruneConfig, wanda=WandaConfig, sparsegpt=SparseGPTConfig,
+                   prune_structured=StructuredPruneConfig)

@@ -162,3 +162,7 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy to keep as the uncompressed reference (for KL divergence)."""
     return copy.deepcopy(model)
+
+from ..prune.stages import PRUNE_CONFIGS, run_prune_stage  # noqa: E402  (pruning, issue #6)
+
+_RUNNERS.update({cfg: run_prune_stage for cfg in PRUNE_CONFIGS})

@@ -1,0 +1,29 @@
+"""Recipe stages for pruning: run ``prune_`` and record what it did to each module."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..eval.metrics import mse, sqnr
+from .config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
+
+PRUNE_CONFIGS = (MagnitudePruneConfig, WandaConfig, SparseGPTConfig, StructuredPruneConfig)
+
+
+def _bytes(m: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
+def run_prune_stage(model: nn.Module, stage, records: list, calib_data) -> None:
+    from ..recipe.runner import LayerRecord
+    from .apply import prune_
+
+    def on_module(name: str, old: nn.Module, new: nn.Module) -> None:
+        w = old.weight.detach().float()
+        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), _bytes(old), _bytes(new))
+        if new.weight.shape == w.shape:  # unstructured / masked: weight SQNR of the effective weight
+            eff = new.weight.detach().float() * getattr(new, "mask", 1)
+            rec.sqnr_db, rec.mse = sqnr(w, eff), mse(w, eff)
+        records.append(rec)
+
+    prune_(model, stage.config, targets=stage.targets, ignore=stage.ignore, calib_data=calib_data, on_module=on_module)
