@@ -57,6 +57,9 @@ def config_from_gguf(g: GGUFFile):
     head_dim = _get(g, "llama.attention.key_length", "int", default=n_embd // n_head, hi=1 << 16)
     if hidden != n_embd or n_head % n_kv or head_dim % 2:
         raise FormatError(g.path, f"inconsistent shapes: embedding {hidden} vs {n_embd}, heads {n_head}/{n_kv}, head_dim {head_dim}")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):  # a string here fails deep in transformers
+        if key in g.kv:
+            _get(g, key, "int", lo=0, hi=max(vocab - 1, 0))
     try:
         return _llama_config(g, LlamaConfig, vocab, n_embd, n_head, n_kv, head_dim)
     except (ValueError, TypeError) as e:
