@@ -285,8 +285,14 @@ def cmd_export(args) -> int:
     # a model that came from a .gguf keeps that file's tokenizer metadata verbatim (pre-tokenizer too)
     src = default_gguf_path() if str(args.model) == DEFAULT else Path(args.model) if str(args.model).endswith(".gguf") else None
     t0 = time.perf_counter()
+    imat = None
+    if args.imatrix:
+        from .calibration.imatrix import imatrix_from_spec
+
+        imat = imatrix_from_spec(args.imatrix, lm.model, lm.tokenizer, num_samples=args.imatrix_samples)
+        _say(f"imatrix from {args.imatrix}: {len(imat)} layers in {time.perf_counter() - t0:.1f}s")
     res = export_gguf(lm.model, lm.tokenizer, args.out, ft, pure=args.pure, leave_output=args.leave_output,
-                      tokenizer_from=src, tokenizer_pre=args.tokenizer_pre)
+                      tokenizer_from=src, tokenizer_pre=args.tokenizer_pre, importance=imat)
     counts: dict[str, int] = {}
     for t in res.types.values():
         counts[t.name] = counts.get(t.name, 0) + 1
@@ -343,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--pure", action="store_true", help="the file type's block type for every tensor (no mix rules)")
     x.add_argument("--leave-output", action="store_true", help="keep output.weight unquantized")
     x.add_argument("--tokenizer-pre", default="default", help="llama.cpp pre-tokenizer name for a Hugging Face tokenizer")
+    x.add_argument("--imatrix", help="gguf: importance-weighted K-quants (llama.cpp's imatrix), from a .safetensors "
+                   "imatrix or computed from calibration text ('pydoc', 'self', a text file...)")
+    x.add_argument("--imatrix-samples", type=_positive("--imatrix-samples"), default=64,
+                   help="calibration samples of 512 tokens for --imatrix")
     x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("recipe", help="recipe tools")

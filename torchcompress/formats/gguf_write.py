@@ -29,6 +29,7 @@ from .gguf_mix import FileType, MixOptions, TypePlanner, parse_file_type
 log = logging.getLogger(__name__)
 
 ARCH = "llama"
+_KQUANTS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 _LAYER_MAP = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -146,12 +147,18 @@ def export_gguf(
     tokenizer_pre: str = "default",
     name: str | None = None,
     alignment: int = DEFAULT_ALIGNMENT,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Write ``model`` (a float transformers Llama) as a .gguf of llama.cpp file type ``qtype``.
 
     Tokenizer metadata comes from ``tokenizer_from`` (a .gguf whose ``tokenizer.*`` keys are copied
     verbatim, e.g. the one the model was converted from) or else from the transformers ``tokenizer``
     (GPT-2 style byte-level BPE; ``tokenizer_pre`` names llama.cpp's pre-tokenizer).
+
+    ``importance``: an imatrix (``{module name: (in_features,) mean squared activation}``, see
+    :func:`torchcompress.calibration.imatrix.compute_imatrix`); tensors planned as K-quants are then
+    quantized with ggml's importance-weighted search (``quantize_q*_K(..., quant_weights)``). The
+    32-weight fallback types are quantized without it (their weighted variants are not implemented).
     """
     from .gguf_tokenizer import tokenizer_kv, tokenizer_kv_from_gguf
 
@@ -185,8 +192,11 @@ def export_gguf(
         hf, heads = by_name[plan.name]
         w = weights[hf].detach().to(torch.float32)
         if heads is not None:
-            w = permute_rope(w, heads)
-        return quantize(w, plan.qtype, name=hf)
+            w = permute_rope(w, heads)  # permutes rows; the imatrix is per column, unchanged
+        imp = None
+        if importance is not None and plan.qtype in _KQUANTS:
+            imp = importance.get(hf.removesuffix(".weight"))
+        return quantize(w, plan.qtype, name=hf, importance=imp)
 
     size = write_gguf(path, kvs, plans, produce, alignment)
     log.info("wrote %s (%s, %d bytes)", path, ft.name, size)
