@@ -68,7 +68,7 @@ class Instrumentation:
             self.handles.append(module.register_forward_hook(post, always_call=True))
         else:
             self.handles.append(module.register_forward_pre_hook(self._pre(key, cuda)))
-            self.handles.append(module.register_forward_hook(self._post(key, cuda, attrs, False), always_call=True))
+            self.handles.append(module.register_forward_hook(self._post(key, cuda, attrs, False)))
 
     def _start(self, cuda: bool):
         if cuda:
@@ -117,9 +117,10 @@ class Instrumentation:
     def _root_post(self, key: int, cuda: bool, attrs: dict):
         inner = self._post(key, cuda, attrs, True)
 
-        def hook(module, args, output):
+        def hook(module, args, output):  # always called; output is None when forward raised: not timed
             try:
-                inner(module, args, output)
+                if output is not None:
+                    inner(module, args, output)
             finally:
                 self._active = False
                 self._starts.clear()  # an exception mid-forward leaves starts behind

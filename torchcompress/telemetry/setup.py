@@ -69,14 +69,18 @@ class Drops:
 class _Quiet(logging.Filter):
     """Keeps the exporters' per-attempt messages off the console; remembers the first as the reason."""
 
-    def __init__(self, drops: Drops):
+    def __init__(self, drops: Drops, reasons: bool):
         super().__init__()
-        self.drops = drops
+        self.drops, self.reasons = drops, reasons  # reasons: an exporter's logger (its messages say why)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and self.drops.first_reason is None:
+        if self.reasons and record.levelno >= logging.WARNING and self.drops.first_reason is None:
             try:
-                self.drops.first_reason = record.getMessage().splitlines()[0][:300]
+                msg = record.getMessage().splitlines()[0]
+                for marker in ("Error details: ", "error details: "):  # grpc: keep the cause, not the retry plan
+                    if marker in msg:
+                        msg = msg.split(marker, 1)[1]
+                self.drops.first_reason = msg[:300]
             except Exception:  # a malformed record must not break anything
                 pass
         log.debug("otel: %s", record.getMessage() if record.args is not None else record.msg)
@@ -220,7 +224,7 @@ def configure(config: TelemetryConfig) -> bool:
     drops = Drops()
     filters = []
     for name in _NOISY:
-        f = _Quiet(drops)
+        f = _Quiet(drops, reasons=".exporter." in name)
         logging.getLogger(name).addFilter(f)
         filters.append((name, f))
     tp = mp = None

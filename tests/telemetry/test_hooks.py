@@ -1,0 +1,105 @@
+"""instrument()/uninstrument(): forward timing hooks, sampling, removal."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torchcompress.errors import ConfigError
+from torchcompress.telemetry import instrument, names as N, uninstrument
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _hooks(m: nn.Module) -> int:
+    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+
+def _points(otel) -> dict:
+    ms = otel.metrics()
+    if N.M_INFER[0] not in ms:
+        return {}
+    assert ms[N.M_INFER[0]].unit == "ms"
+    return {(p.attributes[N.SCOPE_KIND], p.attributes.get(N.MODULE)): p
+            for p in ms[N.M_INFER[0]].data.data_points}
+
+
+def test_every_forward_timed_at_ratio_1_and_hooks_removed(otel):
+    m = _model()
+    x = torch.randn(4, 16)
+    want = m(x)
+    h = instrument(m, modules=[nn.Linear], attributes={"run": "t"}, meter_provider=otel.meter_provider)
+    assert _hooks(m) == 6  # pre + post on the model and on both Linears
+    for _ in range(5):
+        torch.testing.assert_close(m(x), want)  # timing changes nothing
+    pts = _points(otel)
+    assert set(pts) == {("model", None), ("module", "0"), ("module", "2")}
+    for p in pts.values():
+        assert p.count == 5 and p.sum > 0 and p.attributes["run"] == "t" and p.attributes[N.DEVICE] == "cpu"
+    assert pts[("model", None)].attributes[N.MODULE_TYPE] == "Sequential"
+    assert pts[("module", "0")].attributes[N.MODULE_TYPE] == "Linear"
+    # the model's time includes its modules'
+    assert pts[("model", None)].sum >= pts[("module", "0")].sum + pts[("module", "2")].sum
+    assert h.count == 5 and h.mean_ms == pytest.approx(pts[("model", None)].sum / 5)
+    assert uninstrument(m) == 1 and _hooks(m) == 0 and not hasattr(m, "_torchcompress_instrumentation")
+    m(x)
+    assert _points(otel)[("model", None)].count == 5
+
+
+def test_sampling_times_one_forward_in_n(otel):
+    m = _model()
+    h = instrument(m, modules=["0"], sample_ratio=0.25, meter_provider=otel.meter_provider)
+    for _ in range(20):
+        m(torch.randn(2, 16))
+    pts = _points(otel)
+    assert pts[("model", None)].count == 5 and pts[("module", "0")].count == 5  # the 1st, 5th, 9th...
+    h.remove()
+    assert _hooks(m) == 0
+
+
+def test_modules_outside_a_sampled_forward_are_not_timed(otel):
+    m = _model()
+    instrument(m, modules=[nn.Linear], sample_ratio=0.5, meter_provider=otel.meter_provider)
+    m[0](torch.randn(2, 16))  # a module called on its own
+    m(torch.randn(2, 16))
+    m(torch.randn(2, 16))
+    pts = _points(otel)
+    assert pts[("model", None)].count == 1 and pts[("module", "0")].count == 1
+    uninstrument(m)
+
+
+def test_an_exception_in_forward_leaves_hooks_consistent(otel):
+    m = _model()
+    instrument(m, modules=[nn.Linear], meter_provider=otel.meter_provider)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 15))  # wrong width: the first Linear raises
+    m(torch.randn(2, 16))
+    pts = _points(otel)
+    assert pts[("module", "0")].count == 1 and pts[("module", "2")].count == 1  # failed forwards: not timed
+    assert pts[("model", None)].count == 1
+    uninstrument(m)
+    assert _hooks(m) == 0
+
+
+def test_two_instrumentations_and_uninstrument_removes_both(otel):
+    m = _model()
+    instrument(m, meter_provider=otel.meter_provider)
+    instrument(m, modules=["re:2"], meter_provider=otel.meter_provider)
+    assert _hooks(m) == 6
+    assert uninstrument(m) == 2 and _hooks(m) == 0
+
+
+def test_off_hooks_nothing(monkeypatch):
+    monkeypatch.setattr("torchcompress.telemetry.run._providers", lambda: (None, None))
+    m = _model()
+    h = instrument(m, modules=[nn.Linear])
+    assert _hooks(m) == 0 and h.count == 0
+    h.remove()
+
+
+@pytest.mark.parametrize("ratio", [0, -0.5, 1.5, True, "0.1"])
+def test_bad_sample_ratio(ratio):
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        instrument(_model(), sample_ratio=ratio)

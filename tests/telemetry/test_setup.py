@@ -1,0 +1,104 @@
+"""configure()/shutdown() against real exporters, each in a fresh interpreter (they install
+OpenTelemetry's process-wide providers): bounded shutdown on a hung collector, delivery to a
+receiver, console output, and no OpenTelemetry import when nothing is configured."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.telemetry.receiver import BlackHole, HttpReceiver
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _py(script: str, **env):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    e.update(PYTHONPATH=ROOT, TORCHCOMPRESS_KERNEL="reference", **env)  # no native build inside a test
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=e, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+SPANS = """
+    import json, logging, time
+    logging.basicConfig(level=logging.WARNING)
+    from torchcompress import telemetry
+    from opentelemetry import trace
+    on = telemetry.configure({config})
+    tr = trace.get_tracer("t")
+    t0 = time.perf_counter()
+    for i in range(3000):  # more than the queue holds: the overflow is dropped, and counted
+        with tr.start_as_current_span("s", attributes={{"i": i}}):
+            pass
+    t_spans = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    telemetry.shutdown()
+    print(json.dumps({{"on": on, "spans_s": t_spans, "shutdown_s": time.perf_counter() - t0}}))
+"""
+
+
+@pytest.mark.parametrize("protocol", ["grpc", pytest.param("http/protobuf", marks=pytest.mark.slow)])
+def test_hung_collector_bounded_shutdown_counted_drops(protocol):
+    hole = BlackHole()
+    try:
+        cfg = f"endpoint={hole.endpoint!r}, protocol={protocol!r}, timeout=0.5, shutdown_timeout=1.0, max_queue_size=1000"
+        p = _py(SPANS.format(config=cfg))
+    finally:
+        hole.close()
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["on"] is True
+    # generous bounds, each far below the SDK defaults a hang would take (10 s export, 30 s shutdown)
+    assert r["shutdown_s"] < 2.5, r
+    assert r["spans_s"] < 5.0, r  # 3000 spans never wait for the collector
+    assert p.stderr.count("could not export") <= 1
+    lines = [ln for ln in p.stderr.splitlines() if "not delivered" in ln]
+    assert len(lines) == 1 and "of 3000 spans" in lines[0], p.stderr
+    assert int(lines[0].split("telemetry: ")[1].split(" of ")[0]) >= 2000  # the queue held 1000 at most
+    assert "opentelemetry" not in p.stderr  # the SDK's per-attempt / per-span messages are held back
+
+
+@pytest.mark.slow
+def test_delivers_to_a_receiver_and_nothing_is_dropped():
+    recv = HttpReceiver()
+    try:
+        p = _py(SPANS.format(config=f"endpoint={recv.endpoint!r}, max_queue_size=4096"))
+    finally:
+        recv.close()
+    assert "not delivered" not in p.stderr and "could not export" not in p.stderr, p.stderr
+    spans = recv.spans()
+    assert len(spans) == 3000 and sorted(s.attributes[0].value.int_value for s in spans) == list(range(3000))
+
+
+@pytest.mark.slow
+def test_console_exporter_for_local_runs():
+    p = _py("""
+        from torchcompress import telemetry
+        from torchcompress.telemetry.record import record_eval, span
+        assert telemetry.configure_from_env()
+        with span("hello", {"torchcompress.recipe.name": "r"}):
+            pass
+        record_eval(12.5, baseline_perplexity=10.0)
+        telemetry.shutdown()
+    """, OTEL_TRACES_EXPORTER="console", OTEL_METRICS_EXPORTER="console")
+    assert '"name": "hello"' in p.stderr and '"torchcompress.recipe.name": "r"' in p.stderr
+    assert '"name": "torchcompress.model.perplexity.increase"' in p.stderr and '"value": 0.25' in p.stderr
+
+
+def test_not_configured_imports_no_opentelemetry():
+    p = _py("""
+        import sys, json, torch
+        from torchcompress import telemetry
+        from torchcompress.recipe import compress, load_recipe
+        assert telemetry.configure_from_env() is False
+        m = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        compress(m, load_recipe("w8-rtn"))
+        h = telemetry.instrument(m)
+        m(torch.randn(1, 16)); h.remove()
+        telemetry.record_eval(1.0); telemetry.shutdown()
+        print(json.dumps(sorted(k for k in sys.modules if k.startswith("opentelemetry"))))
+    """, OTEL_SDK_DISABLED="true", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9")
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []
