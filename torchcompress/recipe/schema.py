@@ -88,7 +88,7 @@ def _build_stage(raw, index: int, source: str) -> Stage:
     if not isinstance(raw, dict):
         raise RecipeError(f"stages[{index}]: expected a mapping", source, _line(raw))
     kind = raw.get("kind")
-    if kind not in STAGE_KINDS:
+    if not isinstance(kind, str) or kind not in STAGE_KINDS:
         raise RecipeError(f"stages[{index}].kind: {kind!r} is not a stage kind (allowed: {', '.join(sorted(STAGE_KINDS))})",
                           source, _line(raw, "kind"))
     cfg_cls = STAGE_KINDS[kind]

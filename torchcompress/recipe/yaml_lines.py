@@ -73,7 +73,10 @@ def _convert_node(node, loader, source: str, memo: dict):
 
 
 def load_yaml_with_lines(text: str, source: str = "<recipe>"):
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # raises ReaderError on control characters
+    except yaml.YAMLError as e:
+        raise RecipeError(f"malformed YAML: {e}".splitlines()[0], source) from None
     try:
         node = loader.get_single_node()
         if node is None:
