@@ -55,10 +55,11 @@ def test_only_adapter_trains():
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
 
 
+@pytest.mark.parametrize("rows", [5, 128])  # 128 rows: the native kernel's threaded tiled path
 @pytest.mark.parametrize("kind,base", list(_bases()))
-def test_gradients_reach_adapter_and_input_only(kind, base):
+def test_gradients_reach_adapter_and_input_only(kind, base, rows):
     m = _with_random_b(LoRALinear(base, r=4, alpha=8))
-    x = torch.randn(5, 64, requires_grad=True)
+    x = torch.randn(rows, 64, requires_grad=True)
     m(x).square().sum().backward()
     assert m.lora_A.weight.grad is not None and m.lora_A.weight.grad.abs().sum() > 0
     assert m.lora_B.weight.grad.abs().sum() > 0

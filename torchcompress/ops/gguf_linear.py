@@ -26,7 +26,7 @@ def dequantize_rows(blocks: torch.Tensor, qtype: int, in_features: int, dtype: t
 @torch.library.custom_op("torchcompress::gguf_linear", mutates_args=())
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int) -> torch.Tensor:
     if selected_backend() is Backend.AUTO:  # fast kernels (ops/fastpath.py), else the reference
-        out = gguf_linear_fast(x, blocks, bias, qtype, in_features)
+        out = gguf_linear_fast(x.detach(), blocks, None if bias is None else bias.detach(), qtype, in_features)  # see int_linear
         if out is not None:
             return out
     w = dequantize_rows(blocks, qtype, in_features, x.dtype)

@@ -55,7 +55,11 @@ def int_linear(
     # selected_backend() validates TORCHCOMPRESS_KERNEL; AUTO tries the fast kernels (ops/fastpath.py)
     # and falls back to the reference where none applies.
     if selected_backend() is Backend.AUTO:
-        out = int_linear_fast(x, qweight, scale, zero, bias, bits, group_size, in_features)
+        # detached: the native kernel's worker threads do not inherit the below-autograd dispatch
+        # state, so an x that requires grad (LoRA on a quantized base) made at::mm_out refuse it;
+        # this op's gradient comes from _backward, never from tracing the kernel.
+        out = int_linear_fast(x.detach(), qweight, scale, zero, None if bias is None else bias.detach(),
+                              bits, group_size, in_features)
         if out is not None:
             return out
     return _reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
