@@ -135,3 +135,22 @@ def test_report_table(tiny):
     d = rep.to_dict()
     assert d["model_params"] == sum(p.numel() for p in model.parameters())
     assert any(r["pattern"] == "dense" for r in d["layers"])  # lm_head
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).to(dtype)
+    prune_(model, MagnitudePruneConfig(n=2, m=4), ignore=())
+    assert model[0].weight.dtype == dtype and model[0].mask.dtype == torch.bool
+    x = torch.randn(2, 16, dtype=dtype)
+    torch.testing.assert_close(model[0](x), nn.functional.linear(x, model[0].weight * model[0].mask, model[0].bias))
+    assert (model[0].mask.reshape(8, -1, 4).sum(-1) == 2).all()
+
+
+def test_nan_calibration_is_named(tiny):
+    model, _, calib = _fresh(tiny)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(NumericError, match="layers.0.mlp"):
+        prune_(model, SparseGPTConfig(0.5), calib_data=calib)
