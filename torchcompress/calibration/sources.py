@@ -85,8 +85,14 @@ def _chat_docs(path: Path, tokenizer) -> tuple[list[list[int]], str]:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
         if not ok:
             raise CalibrationDataError(f"{path}:{n}", "expected {\"messages\": [{\"role\": str, \"content\": str}, ...]}")
-        # apply_chat_template renders in transformers' ImmutableSandboxedEnvironment
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        # apply_chat_template renders in transformers' ImmutableSandboxedEnvironment; a template that
+        # reaches for Python internals (SecurityError) or raises is the tokenizer's fault: a typed error
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        except TemplateError as e:
+            raise CalibrationDataError(f"{path}:{n}", f"the tokenizer's chat template failed: {type(e).__name__}: {e}") from None
         docs.append(_encode(tokenizer, text))
     if not docs:
         raise CalibrationDataError(str(path), "holds no conversation")

@@ -94,7 +94,14 @@ def _save(path: Path, model, opt, sched, hooks, step: int, losses: list) -> None
 
 
 def _load(path: Path, model, opt, sched, hooks) -> tuple[int, list]:
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    import pickle
+
+    from ..errors import FormatError
+
+    try:  # weights_only: tensors and plain containers only; a planted pickle payload never runs
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise FormatError(path / STATE_FILE, f"not a training state we wrote: {str(e).splitlines()[0]}") from None
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
