@@ -15,6 +15,7 @@ from ..config import Granularity, QuantScheme
 from ..errors import InputError
 from ..ops import gptq_linear as _gptq_linear_op  # noqa: F401  (registers torchcompress::gptq_linear)
 from ..ops.gptq_linear import dequantize_g_idx_packed
+from ..primitives.act_order import sequential_group_size, sort_by_group
 from ..primitives.packing import pack
 from .quant_linear import QuantLinear
 
@@ -57,9 +58,30 @@ class GPTQLinear(QuantLinear):
         return dequantize_g_idx_packed(self.qweight, self.scale, self.zero, self.g_idx, self.scheme.bits,
                                        self.in_features, dtype)
 
+    def _sorted_layout(self):
+        """Act-order codes with columns sorted by group (primitives/act_order.py), built at the first
+        forward and rebuilt when ``qweight``/``g_idx`` change: the fast kernels' input. Costs one more
+        copy of the packed codes; None for sequential or non-uniform groups and while compiling."""
+        if torch.compiler.is_compiling():
+            return None
+        qw, g = self.qweight, self.g_idx
+        if qw.is_meta:
+            return None
+        key = (qw.data_ptr(), qw._version, qw.device, g.data_ptr(), g._version)
+        cached = self.__dict__.get("_sorted_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        layout = None
+        if sequential_group_size(g, self.in_features, self.scale.shape[1]) is None:
+            layout = sort_by_group(qw, g, self.scheme.bits, self.in_features, self.scale.shape[1])
+        self.__dict__["_sorted_cache"] = (key, layout)
+        return layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        layout = self._sorted_layout()
         return torch.ops.torchcompress.gptq_linear(
-            x, self.qweight, self.scale, self.zero, self.g_idx, self.bias, self.scheme.bits, self.in_features)
+            x, self.qweight, self.scale, self.zero, self.g_idx, self.bias, self.scheme.bits, self.in_features,
+            None if layout is None else layout.perm, None if layout is None else layout.qweight)
 
     def weight_bits(self) -> int:
         return super().weight_bits() + self.g_idx.numel() * 32

@@ -73,3 +73,34 @@ def gguf_linear_fast(
     if ext is None:
         return None
     return ext.gguf_linear(x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH)
+
+
+def gptq_linear_fast(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    in_features: int,
+    perm: Optional[torch.Tensor],
+    qweight_sorted: Optional[torch.Tensor],
+) -> Optional[torch.Tensor]:
+    """``torchcompress::gptq_linear`` through the int_linear kernels, or ``None`` (the reference runs).
+
+    With ``perm``/``qweight_sorted`` (act-order columns sorted by group, see
+    :mod:`torchcompress.primitives.act_order`): ``int_linear(x[..., perm], qweight_sorted)``.
+    Without them only a sequential ``g_idx`` (``arange(K) // group_size``) is handled."""
+    from ..primitives.act_order import sequential_group_size
+
+    n_groups = scale.shape[1]
+    if perm is not None and qweight_sorted is not None:
+        if perm.device != x.device or x.shape[-1] != in_features:
+            return None
+        group_size = int((g_idx == 0).sum()) if n_groups > 1 else in_features  # as sort_by_group found it
+        return int_linear_fast(x.index_select(-1, perm), qweight_sorted, scale, zero, bias, bits, group_size, in_features)
+    group_size = sequential_group_size(g_idx, in_features, n_groups)
+    if group_size is None:
+        return None
+    return int_linear_fast(x, qweight, scale, zero, bias, bits, group_size, in_features)

@@ -2,8 +2,13 @@
 
 GPTQ with act-order quantizes columns in a data-dependent order, so column ``k`` belongs to group
 ``g_idx[k]`` (not ``k // group_size``). Same shape of declaration as :mod:`.int_linear`: a custom
-op with a fake implementation (``torch.compile``), an activation-gradient formula, and the
-pure-PyTorch reference as the only implementation so far.
+op with a fake implementation (``torch.compile``), an activation-gradient formula, the pure-PyTorch
+reference, and fast kernels (:func:`~torchcompress.ops.fastpath.gptq_linear_fast`):
+
+* ``g_idx == arange(K) // group_size``: the int_linear kernels on ``qweight`` as it is;
+* act-order: the caller passes the columns sorted by group once (``perm``, ``qweight_sorted``
+  from :func:`~torchcompress.primitives.act_order.sort_by_group`; GPTQLinear caches them) and the
+  int_linear kernels run on ``x[..., perm]`` and the sorted codes: the same products, reordered.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch.nn.functional as F
 
 from ..primitives.gptq import dequantize_with_g_idx
 from ..primitives.packing import unpack
-from .backend import selected_backend
+from .backend import Backend, selected_backend
+from .fastpath import gptq_linear_fast
 
 
 def dequantize_g_idx_packed(qweight, scale, zero, g_idx, bits: int, in_features: int, dtype) -> torch.Tensor:
@@ -33,19 +39,26 @@ def gptq_linear(
     bias: Optional[torch.Tensor],
     bits: int,
     in_features: int,
+    perm: Optional[torch.Tensor] = None,
+    qweight_sorted: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    selected_backend()  # validates TORCHCOMPRESS_KERNEL; only the reference exists so far
+    # detached: the native kernels' worker threads do not inherit autograd state; the gradient comes from _backward
+    if selected_backend() is Backend.AUTO:
+        out = gptq_linear_fast(x.detach(), qweight, scale, zero, g_idx, None if bias is None else bias.detach(),
+                               bits, in_features, perm, qweight_sorted)
+        if out is not None:
+            return out
     w = dequantize_g_idx_packed(qweight, scale, zero, g_idx, bits, in_features, x.dtype)  # (N, K)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 @gptq_linear.register_fake
-def _(x, qweight, scale, zero, g_idx, bias, bits, in_features):
+def _(x, qweight, scale, zero, g_idx, bias, bits, in_features, perm=None, qweight_sorted=None):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scale, zero, g_idx, bias, bits, in_features = inputs
+    x, qweight, scale, zero, g_idx, bias, bits, in_features = inputs[:8]
     ctx.save_for_backward(qweight, scale, zero, g_idx)
     ctx.meta = (bits, in_features, x.dtype, bias is not None)
 
@@ -59,7 +72,7 @@ def _backward(ctx, grad_out):
         grad_x = (grad_out @ w).to(dtype)
     if has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None
 
 
 gptq_linear.register_autograd(_backward, setup_context=_setup_context)
