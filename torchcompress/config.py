@@ -188,3 +188,7 @@ from .prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPrune
 
 STAGE_KINDS.update(prune_magnitude=MagnitudePruneConfig, wanda=WandaConfig, sparsegpt=SparseGPTConfig,
                    prune_structured=StructuredPruneConfig)
+
+from .lowrank.config import LoRAConfig, SVDConfig  # noqa: E402  (low-rank, issue #8)
+
+STAGE_KINDS.update(lora=LoRAConfig, svd=SVDConfig)

@@ -106,3 +106,13 @@ def test_bad_input(tiny):
     with pytest.raises(InputError, match="outside the decoder"):
         lowrank_(copy.deepcopy(model), SVDConfig(rank=4, activation_aware=True), targets=["lm_head"], ignore=(),
                  calib_data=tiny[2])
+
+
+def test_nan_weight_is_named(tiny):
+    from torchcompress import NumericError
+
+    model = copy.deepcopy(tiny[0])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 4] = float("nan")
+    with pytest.raises(NumericError, match="layers.0.mlp.up_proj.weight"):
+        lowrank_(model, SVDConfig(rank=4), targets=MLP)

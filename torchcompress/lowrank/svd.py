@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NumericError
 from ..nn.lowrank_linear import LowRankLinear
 from ..primitives import svd as svdm
 from ..targets import select_modules, set_submodule
@@ -85,23 +85,37 @@ def lowrank_(
     targets: Iterable = (nn.Linear,),
     ignore: Iterable = ("lm_head", "re:.*embed.*"),
     calib_data=None,
+    second_moments: dict[str, torch.Tensor] | None = None,
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` by a :class:`LowRankLinear`, in place.
 
     Layers whose chosen rank would not save parameters (``r * (N + K) >= N * K``) stay dense.
     ``on_module(name, old, new)`` is called after each replacement; ``new.svd_info`` holds the
-    rank, the discarded energy and (activation-aware) the damping used."""
+    rank, the discarded energy and (activation-aware) the damping used. ``second_moments``: ``X^T X``
+    per layer name from :func:`input_second_moments`, to reuse one calibration pass in a sweep."""
     if not isinstance(config, SVDConfig):
         raise ConfigError("config", f"lowrank_ needs an SVDConfig, got {type(config).__name__}")
     layers = {n: m for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear}
     if not layers:
         raise ConfigError("targets", f"no nn.Linear matched targets={targets!r} ignore={ignore!r}")
+    from ..primitives.affine import check_finite
+
+    for n, lin in layers.items():
+        check_finite(lin.weight.detach(), f"{n}.weight")  # NaN/Inf would make the SVD fail opaquely
     chol: dict[str, tuple[torch.Tensor, float]] = {}
     if config.activation_aware:
-        if calib_data is None:
+        if calib_data is None and second_moments is None:
             raise ConfigError("calib_data", "activation-aware SVD needs calibration data (a CalibrationSet)")
-        for n, xtx in input_second_moments(model, list(layers), calib_data).items():
+        if second_moments is None:
+            second_moments = input_second_moments(model, list(layers), calib_data)
+        missing = [n for n in layers if n not in second_moments]
+        if missing:
+            raise ConfigError("second_moments", f"no X^T X for {missing[0]}")
+        for n in layers:
+            xtx = second_moments[n]
+            if not torch.isfinite(xtx).all():
+                raise NumericError(f"{n} (calibration inputs)", "activations hold NaN or Inf")
             try:
                 chol[n] = svdm.cholesky_whitening(xtx, config.damp)
             except torch.linalg.LinAlgError:

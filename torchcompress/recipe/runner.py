@@ -166,3 +166,7 @@ def clone_model(model: nn.Module) -> nn.Module:
 from ..prune.stages import PRUNE_CONFIGS, run_prune_stage  # noqa: E402  (pruning, issue #6)
 
 _RUNNERS.update({cfg: run_prune_stage for cfg in PRUNE_CONFIGS})
+
+from ..lowrank.stages import LOWRANK_RUNNERS  # noqa: E402  (low-rank, issue #8)
+
+_RUNNERS.update(LOWRANK_RUNNERS)
