@@ -192,7 +192,8 @@ def test_dead_or_hung_collector_never_hurts_the_run(tiny_llama_dir, tmp_path):
             # dropped telemetry: counted, and logged once (one first-failure line, one total at exit)
             assert se.count("could not export") == 1, (tag, se)
             assert se.count("not delivered") == 1, (tag, se)
-            assert "Transient error" not in se and "Failed to export" not in se, (tag, se)
+            # the SDK's own per-attempt lines are held back (the CLI logs as "LEVEL logger: message")
+            assert not [ln for ln in se.splitlines() if ln.split(" ")[1:2] and ln.split(" ")[1].startswith("opentelemetry")], se
         assert hole.accepted  # the hung collector really was connected to
     finally:
         hole.close()

@@ -1,0 +1,151 @@
+"""Forward-pass overhead of ``telemetry.instrument(model)`` on SmolLM2-135M-Instruct, as a ratio to
+the uninstrumented model, measured side by side in one process.
+
+Variants (the same model object; hooks added before and removed after each timing block):
+
+* ``plain``                 no hooks;
+* ``model @1.0 / @0.1``     ``instrument(model, sample_ratio=r)``: the model's forward only;
+* ``+blocks @1.0 / @0.1``   also the 30 decoder blocks (``modules=["re:model\\.layers\\.\\d+"]``);
+* ``+linears @0.1``         also all 211 Linears (worst case: 422 more hooks per forward).
+
+Timings are interleaved: every round runs each variant once (in a rotated order) for ``--calls``
+forwards (a multiple of 10, so @0.1 times exactly one forward in ten), and the ratio is the median
+over rounds of (variant time / plain time of the same round). Histograms are recorded into a real
+SDK MeterProvider (in-memory reader), so the cost of ``Histogram.record`` is included.
+
+The per-forward overhead is also derived from a microbenchmark of the hooks alone (a model of
+cheap modules, where hook cost dominates) to cross-check the noisy end-to-end ratio on a busy
+machine: ``expected overhead = hook cost per forward / plain forward time``.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_telemetry.py --rounds 15 --calls 10 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+
+def _meter():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    return MeterProvider(metric_readers=[reader]), reader
+
+
+VARIANTS = {
+    "plain": None,
+    "model @1.0": (None, 1.0),
+    "model @0.1": (None, 0.1),
+    "+blocks @1.0": (["re:model\\.layers\\.\\d+"], 1.0),
+    "+blocks @0.1": (["re:model\\.layers\\.\\d+"], 0.1),
+    "+linears @0.1": (["re:model\\.layers\\.\\d+", nn.Linear], 0.1),
+}
+
+
+def _timed(model, ids, calls, variant, mp, sync):
+    from torchcompress.telemetry import instrument
+
+    h = None if variant is None else instrument(model, variant[0], sample_ratio=variant[1], meter_provider=mp)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            model(input_ids=ids)
+        sync()
+        return time.perf_counter() - t0
+    finally:
+        if h is not None:
+            h.remove()
+
+
+def hook_cost_us(mp, n_modules=32, calls=400) -> dict:
+    """Microseconds per forward that the hooks add to a model of ``n_modules`` Identity modules."""
+    from torchcompress.telemetry import instrument
+
+    model = nn.Sequential(*[nn.Identity() for _ in range(n_modules)])
+    x = torch.zeros(1)
+
+    def run(variant):
+        h = None if variant is None else instrument(model, variant[0], sample_ratio=variant[1], meter_provider=mp)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            model(x)
+        dt = (time.perf_counter() - t0) / calls
+        if h is not None:
+            h.remove()
+        return dt
+
+    out = {}
+    for name, v in {"root @1.0": (None, 1.0), "root @0.1": (None, 0.1),
+                    "per module @1.0": ([nn.Identity], 1.0), "per module @0.1": ([nn.Identity], 0.1)}.items():
+        base = statistics.median(run(None) for _ in range(3))
+        cost = statistics.median(run(v) for _ in range(3)) - base
+        out[name] = cost * 1e6 / (n_modules if name.startswith("per module") else 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=10, help="forwards per variant per round (multiple of 10)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    from torchcompress.models import load_model
+
+    import opentelemetry.sdk
+
+    mp, reader = _meter()
+    lm = load_model("default")
+    model = lm.model.to(args.device).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device=args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    n_blocks = len(model.model.layers)
+    n_lin = sum(isinstance(m, nn.Linear) for m in model.modules())
+    print(f"SmolLM2-135M-Instruct fp32 on {args.device}, batch 1 x {args.seq_len} tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, opentelemetry-sdk {opentelemetry.sdk.version.__version__}; "
+          f"{n_blocks} decoder blocks, {n_lin} Linears; {args.rounds} rounds x {args.calls} forwards per variant")
+
+    with torch.inference_mode():
+        for _ in range(3):  # warm up
+            model(input_ids=ids)
+        names = list(VARIANTS)
+        per_round = {n: [] for n in names}
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            t = {n: _timed(model, ids, args.calls, VARIANTS[n], mp, sync) for n in order}
+            for n in names:
+                per_round[n].append(t[n] / t["plain"])
+            per_round["plain"][-1] = t["plain"] / args.calls * 1e3  # ms per forward, for the header
+            print(f"round {r + 1}/{args.rounds}: plain {per_round['plain'][-1]:.1f} ms/forward; "
+                  + ", ".join(f"{n} {per_round[n][-1]:.3f}" for n in names[1:]), flush=True)
+        costs = hook_cost_us(mp)
+
+    plain_ms = statistics.median(per_round["plain"])
+    print(f"\nplain forward: median {plain_ms:.1f} ms (min {min(per_round['plain']):.1f}, max {max(per_round['plain']):.1f})")
+    print("\n| variant | hooks/forward | time ratio vs plain (median) | IQR | expected from hook cost |")
+    print("|---|---|---|---|---|")
+    for n in names[1:]:
+        mods, ratio = VARIANTS[n]
+        q = statistics.quantiles(per_round[n], n=4)
+        k = 0 if mods is None else (n_blocks if n.startswith("+blocks") else n_blocks + n_lin)
+        per_fwd_us = costs[f"root @{ratio}"] + k * costs[f"per module @{ratio}"]
+        print(f"| {n} | {2 + 2 * k} | {statistics.median(per_round[n]):.4f} | {q[0]:.4f}-{q[2]:.4f} | "
+              f"{1 + per_fwd_us / (plain_ms * 1e3):.4f} |")
+    print("\nhook cost (microbenchmark, 32 Identity modules): "
+          + ", ".join(f"{k} {v:.2f} us" for k, v in costs.items()))
+    data = reader.get_metrics_data()
+    pts = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics for p in m.data.data_points]
+    print(f"recorded: {sum(p.count for p in pts)} durations in {len(pts)} series")
+
+
+if __name__ == "__main__":
+    main()
