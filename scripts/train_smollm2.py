@@ -69,8 +69,8 @@ def main() -> None:
     data = BatchSchedule(calib.input_ids, calib.attention_mask, a.batch, seed=0)
     kd = KDConfig(temperature=a.temperature, soft_weight=1.0, hard_weight=a.hard)
     res = {"args": vars(a), "train_data": calib.describe(), "eval": f"{GPL}, {windows.ids.shape[0]} x 512 tokens"}
-    res["float_ppl"] = ppl(model, windows)
     if a.mode == "qat":
+        res["float_ppl"] = ppl(model, windows)
         scheme = tc.QuantScheme(bits=a.bits, group_size=a.group, symmetric=False)
         rtn = tc.quantize_(copy.deepcopy(model), tc.RTNConfig(scheme))
         res["rtn_ppl"] = ppl(rtn, windows)

@@ -192,3 +192,7 @@ STAGE_KINDS.update(prune_magnitude=MagnitudePruneConfig, wanda=WandaConfig, spar
 from .lowrank.config import LoRAConfig, SVDConfig  # noqa: E402  (low-rank, issue #8)
 
 STAGE_KINDS.update(lora=LoRAConfig, svd=SVDConfig)
+
+from .training.config import DistillConfig, QATTrainConfig  # noqa: E402  (training-time compression, issue #7)
+
+STAGE_KINDS.update(qat=QATTrainConfig, distill=DistillConfig)

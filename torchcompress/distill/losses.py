@@ -100,7 +100,8 @@ def hidden_state_loss(
         if hs.shape != ht.shape:
             raise InputError(f"hidden_state_loss: student hidden {s_i} {tuple(hs.shape)} vs teacher hidden {t_i} "
                              f"{tuple(ht.shape)}: give a projection for student index {s_i}")
-        err = (hs.float() - ht.float()).pow(2).mean(-1)  # (B, L)
+        acc = torch.promote_types(hs.dtype, torch.float32)  # at least float32 (bf16 students), float64 kept
+        err = (hs.to(acc) - ht.to(acc)).pow(2).mean(-1)  # (B, L)
         if mask is not None:
             m = mask.to(err.dtype)
             total = total + (err * m).sum() / m.sum().clamp(min=1)

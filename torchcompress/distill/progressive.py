@@ -122,3 +122,24 @@ def progressive_distill(model: nn.Module, stages, data, *, on_stage: Callable | 
             on_stage(i, student, losses)
         teacher = student
     return teacher.eval(), history
+
+
+def drop_layers_(model: nn.Module, keep) -> tuple[int, ...]:
+    """In place: keep only decoder layers ``keep`` (config, per-layer ``layer_idx`` and ``layer_types``
+    follow). Same result as :func:`make_student` without building a second model; returns the kept
+    indices."""
+    prefix, layers = _layer_stack(model)
+    idx = resolve_keep(keep, len(layers))
+    from ..targets import set_submodule
+
+    set_submodule(model, prefix, nn.ModuleList([layers[i] for i in idx]))
+    for new, layer in enumerate(model.get_submodule(prefix)):
+        for sub in layer.modules():
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = new  # the KV cache is indexed by position in the stack
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.num_hidden_layers = len(idx)
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = [cfg.layer_types[i] for i in idx]
+    return idx

@@ -130,6 +130,23 @@ from ..config import GGUFConfig  # noqa: E402
 _RUNNERS[GGUFConfig] = _run_gguf
 
 
+def _run_qat(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..training.stages import run_qat
+
+    run_qat(model, stage, records, calib_data)
+
+
+def _run_distill(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..training.stages import run_distill
+
+    run_distill(model, stage, records, calib_data)
+
+
+from ..config import DistillConfig, QATTrainConfig  # noqa: E402  (issue #7)
+
+_RUNNERS.update({QATTrainConfig: _run_qat, DistillConfig: _run_distill})
+
+
 def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Callable | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place and return a :class:`Report`.
 
@@ -150,6 +167,7 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
                 runner(model, stage, records, calib_data)
             rec = StageRecord(stage.name, stage.kind, time.perf_counter() - start, len(report.layers) - before)
             if rec.modules == 0:
+                _check_composes(recipe, stage, report.stages)
                 log.warning("stage %s (%s) changed no module: check its targets/ignore", stage.name, stage.kind)
             report.stages.append(rec)
             if on_stage is not None:
@@ -157,6 +175,18 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
         report.size_bytes_after = model_bytes(model)
         report.bytes_by_type_after = bytes_by_module_type(model)
     return report
+
+
+def _check_composes(recipe: Recipe, stage: Stage, earlier: list) -> None:
+    """A stage that finds nothing to change after an earlier stage changed modules does not compose
+    with it (e.g. rtn after rtn: the Linears are QuantLinears now): an error, not a silent no-op."""
+    from ..errors import RecipeError
+
+    changed = [s for s in earlier if s.modules]
+    if changed:
+        raise RecipeError(f"stage {stage.name!r} ({stage.kind}) found no module to change after stage {changed[-1].name!r} "
+                          f"({changed[-1].kind}) replaced {changed[-1].modules}: these stages do not compose "
+                          "(give them disjoint targets or drop one)", recipe.source)
 
 
 def clone_model(model: nn.Module) -> nn.Module:
