@@ -111,9 +111,29 @@ def _calib_config(args, recipe):
         if name not in ("self", "pydoc") and not name.startswith("hf:") and not any(c in name for c in "*?[") \
                 and not Path(name).is_file():
             raise InputError(f"--calib {name}: no such file (give a file, a glob, 'self', 'pydoc' or hf:NAME[:SPLIT[:COLUMN]])")
+    cfg = CalibrationConfig(sources=names, weights=weights, num_samples=args.calib_samples, seq_len=args.seq_len)
     if not any(getattr(s.config, "needs_calibration", False) for s in recipe.stages):
-        return None
-    return CalibrationConfig(sources=names, weights=weights, num_samples=args.calib_samples, seq_len=args.seq_len)
+        return None  # (built anyway: bad weights such as a.txt@-1 fail here too)
+    return cfg
+
+
+def _check_outputs(args, *flags: str, dirs: tuple = ()) -> None:
+    """Outputs that cannot be created fail before any work (not after an hour of compression): the
+    nearest existing ancestor of each must be a writable directory; ``dirs`` name directory outputs."""
+    import os
+
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        p = Path(value).absolute()
+        if p.exists() and p.is_dir() != (flag in dirs):
+            raise InputError(f"{flag} {value}: exists and is {'not ' if flag in dirs else ''}a directory")
+        anc = p.parent
+        while not anc.exists():
+            anc = anc.parent
+        if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {value}: cannot be created ({anc} is not a writable directory)")
 
 
 def _build_calib(cfg, lm):
@@ -141,6 +161,7 @@ def cmd_compress(args) -> int:
 
     recipe = load_recipe(args.recipe)  # bad recipes fail before the model loads
     calib_cfg = _calib_config(args, recipe)  # bad --calib specs fail before the model loads
+    _check_outputs(args, "--out", "--json", "--report", "--offload-dir", dirs=("--out", "--report", "--offload-dir"))
     t0 = time.perf_counter()
     lm = load_model(args.model)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
@@ -215,6 +236,7 @@ def cmd_eval(args) -> int:
     from .eval.perplexity import evaluate
     from .models import load_model
 
+    _check_outputs(args, "--json")
     lm = load_model(args.model)
     windows = _eval_windows(lm.tokenizer, args.text, args.seq_len, args.windows)
     from . import telemetry
@@ -256,6 +278,7 @@ def _export_quantized(args) -> int:
 
     if str(args.out).endswith(".gguf"):
         raise InputError(f"--out {args.out}: --format {args.format} writes a directory, not a .gguf file")
+    _check_outputs(args, "--out", dirs=("--out",))
     t0 = time.perf_counter()
     lm = load_model(args.model)
     if not any(isinstance(m, QuantLinear) for m in lm.model.modules()):
@@ -279,6 +302,7 @@ def cmd_export(args) -> int:
     ft = parse_file_type(args.qtype)  # a bad --qtype fails before the model loads
     if not str(args.out).endswith(".gguf"):
         raise InputError(f"--out {args.out}: must be a .gguf file name")
+    _check_outputs(args, "--out")
     t0 = time.perf_counter()
     lm = load_model(args.model)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")

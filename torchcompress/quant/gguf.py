@@ -51,6 +51,8 @@ def quantize_gguf_(
     ignore: Iterable = ("re:.*embed.*",),
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
 ) -> nn.Module:
+    if ignore is None:  # a recipe stage without `ignore:` means the verb's default
+        ignore = ("re:.*embed.*",)
     chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear]
     if not chosen:
         log.warning("gguf: no nn.Linear matched targets=%r ignore=%r", targets, ignore)

@@ -67,6 +67,8 @@ def _build_dataclass(cls, data, where: str, source: str):
             raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})", source, _line(data, key))
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):  # name the line of the key (a scalar has no line of its own)
+                raise RecipeError(f"{where}.{key}: expected a mapping, got {type(value).__name__}", source, _line(data, key))
             value = _build_dataclass(sub, value, f"{where}.{key}", source)
         kwargs[key] = value
     try:
