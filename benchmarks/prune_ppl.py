@@ -22,7 +22,12 @@ from torchcompress.api import prune_
 from torchcompress.calibration import CalibrationConfig, build_calibration
 from torchcompress.eval.perplexity import evaluate, make_windows
 from torchcompress.models import load_model
-from torchcompress.prune import MagnitudePruneConfig, SparseGPTConfig, WandaConfig, sparsity_report
+from torchcompress.prune import (
+    MagnitudePruneConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    sparsity_report,
+)
 
 METHODS = {
     "magnitude-50": MagnitudePruneConfig(0.5),

@@ -2,13 +2,17 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from torchcompress.errors import ConfigError
 from torchcompress.nn.pruned_linear import PrunedLinear
 from torchcompress.prune import MagnitudePruneConfig, prune_
 from torchcompress.prune.semi import semi_structured_unavailable, to_semi_structured_
-from torchcompress.training.pruning import CubicSchedule, GradualPruner, pruning_callback
+from torchcompress.training.pruning import (
+    CubicSchedule,
+    GradualPruner,
+    pruning_callback,
+)
 
 
 def test_cubic_schedule_values():

@@ -1,15 +1,19 @@
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from torchcompress.api import prune_
 from torchcompress.errors import ConfigError, NumericError
 from torchcompress.formats.checkpoint import load_compressed, save_compressed
 from torchcompress.nn.pruned_linear import PrunedLinear
 from torchcompress.primitives.sparsity import magnitude_mask
-from torchcompress.prune import MagnitudePruneConfig, SparseGPTConfig, WandaConfig, make_permanent_, sparsity_report
-
-
+from torchcompress.prune import (
+    MagnitudePruneConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    make_permanent_,
+    sparsity_report,
+)
 
 
 def _fresh(tiny):
@@ -154,3 +158,33 @@ def test_nan_calibration_is_named(tiny):
         model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(NumericError, match="layers.0.mlp"):
         prune_(model, SparseGPTConfig(0.5), calib_data=calib)
+
+
+def test_resume_after_kill_is_identical(tiny, tmp_path):
+    from torchcompress.errors import InputError
+    from torchcompress.prune.apply import prunable
+    from torchcompress.prune.apply import prune_ as prune_resumable
+    from torchcompress.prune.sequential import prune_sequential
+
+    cfg = SparseGPTConfig(0.5, block_size=32)
+    full, _, calib = _fresh(tiny)
+    prune_(full, cfg, calib_data=calib)
+
+    class Killed(Exception):
+        pass
+
+    def kill(b, n):
+        if b == 0:
+            raise Killed
+
+    part = _fresh(tiny)[0]
+    with pytest.raises(Killed):
+        prune_sequential(part, cfg, calib, prunable(part, (nn.Linear,), ("lm_head",)), on_block=kill, state_dir=tmp_path / "s")
+    again = _fresh(tiny)[0]
+    with pytest.raises(InputError, match="different model"):
+        prune_resumable(again, SparseGPTConfig(0.6), calib_data=calib, state_dir=tmp_path / "s", ignore=["lm_head"])
+    again = _fresh(tiny)[0]
+    prune_resumable(again, cfg, calib_data=calib, state_dir=tmp_path / "s", ignore=["lm_head"])
+    for (n, a), (_, b) in zip(full.named_modules(), again.named_modules()):
+        if isinstance(a, PrunedLinear):
+            assert isinstance(b, PrunedLinear) and torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask), n

@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from torchcompress.api import prune_
 from torchcompress.errors import ConfigError
@@ -10,8 +9,6 @@ from torchcompress.formats.checkpoint import load_compressed, save_compressed
 from torchcompress.nn.pruned_linear import PrunedLinear
 from torchcompress.prune import StructuredPruneConfig
 from torchcompress.prune.activation import adaptive_counts
-
-
 
 
 def _pair(tiny, **kw):

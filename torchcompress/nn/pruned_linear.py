@@ -13,8 +13,8 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import NumericError
 
@@ -29,7 +29,7 @@ class PrunedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor, weight: torch.Tensor | None = None,
-                    nm: tuple[int, int] | None = None, name: str = "weight") -> "PrunedLinear":
+                    nm: tuple[int, int] | None = None, name: str = "weight") -> PrunedLinear:
         """Wrap ``linear`` (sharing nothing with it) with ``mask``; ``weight`` replaces its weight
         (SparseGPT's updated weights)."""
         w = linear.weight.detach() if weight is None else weight.detach()

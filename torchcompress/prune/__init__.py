@@ -1,7 +1,12 @@
 """Pruning: configs, the ``prune_`` verb, sparsity reports. Heavy parts import lazily."""
 
 from .apply import make_permanent_, prune_
-from .config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
+from .config import (
+           MagnitudePruneConfig,
+           SparseGPTConfig,
+           StructuredPruneConfig,
+           WandaConfig,
+)
 from .report import SparsityReport, sparsity_report
 
 __all__ = ["MagnitudePruneConfig", "SparseGPTConfig", "SparsityReport", "StructuredPruneConfig", "WandaConfig",

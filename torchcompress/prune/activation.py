@@ -10,7 +10,7 @@ ranked together, and the lowest are pruned, at most ``cap`` of a layer.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..errors import NumericError
 

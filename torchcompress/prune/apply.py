@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..errors import ConfigError
 from ..nn.pruned_linear import PrunedLinear
 from ..primitives.sparsity import global_magnitude_masks, magnitude_mask
 from ..targets import select_modules, set_submodule
-from .config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
+from .config import (
+    MagnitudePruneConfig,
+    SparseGPTConfig,
+    StructuredPruneConfig,
+    WandaConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +57,11 @@ def _magnitude(model, cfg: MagnitudePruneConfig, chosen: dict, calib, on_module,
         install(model, n, lin, masks[n], nm=cfg.nm, on_module=on_module)
 
 
-def _sequential(model, cfg, chosen: dict, calib, on_module, batch_size: int = 8, **_):
+def _sequential(model, cfg, chosen: dict, calib, on_module, batch_size: int = 8, state_dir=None, **_):
     from .sequential import prune_sequential
 
-    prune_sequential(model, cfg, calib, chosen, on_module=on_module, batch_size=batch_size)
+    prune_sequential(model, cfg, calib, chosen, on_module=on_module, batch_size=batch_size, state_dir=state_dir,
+                     offload_dir=getattr(calib, "offload_dir", None))
 
 
 def _structured(model, cfg, chosen: dict, calib, on_module, batch_size: int = 8, **_):
@@ -70,13 +76,14 @@ _PRUNERS: dict[type, Callable] = {MagnitudePruneConfig: _magnitude, WandaConfig:
 
 @torch.no_grad()
 def prune_(model: nn.Module, config, *, targets: Iterable = (nn.Linear,), ignore: Iterable | None = None,
-           calib_data=None, on_module: Callable | None = None, batch_size: int = 8) -> nn.Module:
+           calib_data=None, on_module: Callable | None = None, batch_size: int = 8, state_dir=None) -> nn.Module:
     """Prune the matching linears of ``model`` in place; return it.
 
     Unstructured and N:M pruning replace each chosen ``nn.Linear`` with a :class:`PrunedLinear`
     (mask in forward). Structured pruning shrinks the model. ``ignore=None`` means the default of the
     quantize verb (``lm_head`` and embeddings). ``calib_data`` (a CalibrationSet) is required by
-    Wanda, SparseGPT and activation importance.
+    Wanda, SparseGPT and activation importance. ``state_dir``: Wanda/SparseGPT record each finished
+    decoder block there and a repeated call with the same model, data and config resumes after it.
     """
     from ..api import DEFAULT_IGNORE
 
@@ -91,7 +98,7 @@ def prune_(model: nn.Module, config, *, targets: Iterable = (nn.Linear,), ignore
     if not chosen:
         log.warning("prune_: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
         return model
-    fn(model, config, chosen, calib_data, on_module, batch_size=batch_size)
+    fn(model, config, chosen, calib_data, on_module, batch_size=batch_size, state_dir=state_dir)
     return model
 
 

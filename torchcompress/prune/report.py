@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch.nn as nn
+from torch import nn
 
 from ..nn.pruned_linear import PrunedLinear
 

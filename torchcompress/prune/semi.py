@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..nn.pruned_linear import PrunedLinear
 from ..targets import set_submodule

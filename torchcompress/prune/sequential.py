@@ -11,9 +11,16 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from ..calibration.runner import _HessianHooks, _linear_groups, _run_block, _Stop, capture_first_inputs, decoder_blocks
+from ..calibration.runner import (
+    _HessianHooks,
+    _linear_groups,
+    _run_block,
+    _Stop,
+    capture_first_inputs,
+    decoder_blocks,
+)
 from ..primitives.sparsity import sparsegpt_prune, wanda_mask
 from .config import SparseGPTConfig, WandaConfig
 
@@ -34,7 +41,13 @@ def _prune_one(cfg, w: torch.Tensor, hsum: torch.Tensor, tokens: int, name: str)
 
 @torch.no_grad()
 def prune_sequential(model: nn.Module, cfg: WandaConfig | SparseGPTConfig, calib, chosen: dict, *,
-                     on_module=None, batch_size: int = 8, on_block=None) -> nn.Module:
+                     on_module=None, batch_size: int = 8, on_block=None, state_dir=None, offload_dir=None,
+                     fingerprint_extra=()) -> nn.Module:
+    """Prune ``chosen`` (name -> linear) block by block. With ``state_dir`` every finished block is
+    recorded (:mod:`..calibration.resume`) and a later call with the same model, data and config
+    continues after the last finished one; ``offload_dir`` keeps block activations on disk."""
+    from ..calibration.offload import store_from
+    from ..targets import set_submodule
     from .apply import install
 
     blocks = decoder_blocks(model)
@@ -44,8 +57,33 @@ def prune_sequential(model: nn.Module, cfg: WandaConfig | SparseGPTConfig, calib
         log.warning("%s: %d chosen linear(s) outside the decoder blocks are left dense: %s",
                     type(cfg).__name__, len(outside), ", ".join(outside[:3]))
     dev = next(model.parameters()).device
+    state = None
+    if state_dir is not None:
+        from ..calibration.resume import BlockState, run_fingerprint
+
+        state = BlockState(state_dir, run_fingerprint(model, calib, cfg, tuple(chosen), fingerprint_extra))
     inputs = capture_first_inputs(model, blocks, calib.batches(batch_size))
+    if state is not None and state.done:
+        log.info("%s: resuming after block %d/%d from %s", type(cfg).__name__, state.done, len(blocks), state.dir)
+        for b in range(state.done):
+            for n, new in state.load_block(b).items():
+                old = model.get_submodule(f"{prefix}.{b}.{n}")
+                set_submodule(model, f"{prefix}.{b}.{n}", new.to(dev))
+                if on_module is not None:
+                    on_module(f"{prefix}.{b}.{n}", old, new)
+        inputs.hidden = state.load_inputs()
+    inputs.hidden = store_from(inputs.hidden, offload_dir)
+    try:
+        _blocks(model, cfg, blocks, prefix, chosen, inputs, dev, state, on_module, on_block, install)
+    finally:
+        inputs.hidden.close()
+    return model
+
+
+def _blocks(model, cfg, blocks, prefix, chosen, inputs, dev, state, on_module, on_block, install):
     for b, block in enumerate(blocks):
+        if state is not None and b < state.done:
+            continue
         bprefix = f"{prefix}.{b}."
         linears = {n[len(bprefix):]: m for n, m in chosen.items() if n.startswith(bprefix)}
         if linears:
@@ -71,7 +109,8 @@ def prune_sequential(model: nn.Module, cfg: WandaConfig | SparseGPTConfig, calib
                 del hooks.h[sub[0]]
         for i in range(len(inputs.hidden)):
             inputs.hidden[i] = _run_block(block, inputs, i, dev).detach().cpu()
+        if state is not None:
+            state.save_block(b, {n: block.get_submodule(n) for n in linears}, inputs.hidden)
         log.info("%s: block %d/%d done (%d linears)", type(cfg).__name__, b + 1, len(blocks), len(linears))
         if on_block is not None:
             on_block(b, len(blocks))
-    return model

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from ..eval.metrics import mse, sqnr
-from .config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
+from .config import (
+    MagnitudePruneConfig,
+    SparseGPTConfig,
+    StructuredPruneConfig,
+    WandaConfig,
+)
 
 PRUNE_CONFIGS = (MagnitudePruneConfig, WandaConfig, SparseGPTConfig, StructuredPruneConfig)
 
@@ -26,4 +31,6 @@ def run_prune_stage(model: nn.Module, stage, records: list, calib_data) -> None:
             rec.sqnr_db, rec.mse = sqnr(w, eff), mse(w, eff)
         records.append(rec)
 
-    prune_(model, stage.config, targets=stage.targets, ignore=stage.ignore, calib_data=calib_data, on_module=on_module)
+    state = getattr(calib_data, "state_dir", None)
+    prune_(model, stage.config, targets=stage.targets, ignore=stage.ignore, calib_data=calib_data, on_module=on_module,
+           state_dir=None if state is None else f"{state}/{stage.name}")

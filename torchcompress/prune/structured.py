@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..nn.pruned_linear import PrunedLinear
@@ -39,7 +39,7 @@ def _weight(m: nn.Linear) -> torch.Tensor:
     return w * m.mask if isinstance(m, PrunedLinear) else w
 
 
-def _parts(block: nn.Module, names: tuple, prefix: str, chosen: dict, what: str):
+def _parts(block: nn.Module, names: tuple, prefix: str):
     mods = {n: block.get_submodule(f"{prefix}.{n}") if _has(block, f"{prefix}.{n}") else None for n in names}
     if any(m is None for m in mods.values()):
         return None
@@ -95,11 +95,11 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig, calib, chosen:
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     ids = {id(m) for m in chosen.values()}
-    heads, n_kv, hd = _kv_heads(model) if cfg.head_ratio else (0, 0, 0)
+    n_kv = _kv_heads(model)[1] if cfg.head_ratio else 0
     mlps, attns = [], []
     for b, block in enumerate(blocks):
-        mlp = _parts(block, _MLP, "mlp", chosen, "MLP") if cfg.mlp_ratio else None
-        attn = _parts(block, _ATTN, "self_attn", chosen, "attention") if cfg.head_ratio else None
+        mlp = _parts(block, _MLP, "mlp") if cfg.mlp_ratio else None
+        attn = _parts(block, _ATTN, "self_attn") if cfg.head_ratio else None
         for part, names, what, ratio in ((mlp, _MLP, "mlp", cfg.mlp_ratio), (attn, _ATTN, "self_attn", cfg.head_ratio)):
             if ratio and part is None:
                 raise InputError(f"{prefix}.{b}.{what}: no {'/'.join(names)} linears; structured pruning supports "

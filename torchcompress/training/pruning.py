@@ -21,11 +21,11 @@ Hugging Face Trainer: ``Trainer(..., callbacks=[pruning_callback(pruner)])``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..errors import ConfigError
 from ..nn.pruned_linear import PrunedLinear
