@@ -35,7 +35,7 @@ def _trainer(out_dir, max_steps=4):
     student = copy.deepcopy(teacher)
     args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
                              logging_steps=1, save_steps=2, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
-                             data_seed=0, lr_scheduler_type="constant", disable_tqdm=True, save_safetensors=True)
+                             data_seed=0, lr_scheduler_type="constant", disable_tqdm=True)
     cb = QATCallback(QATConfig(QuantScheme(bits=3, group_size=32, symmetric=False)))
     return DistillationTrainer(model=student, args=args, train_dataset=_DS(), teacher=teacher,
                                kd=KDConfig(temperature=2.0, hard_weight=0.5), callbacks=[cb])
