@@ -1,6 +1,7 @@
 // Native GGUF quantizers: ggml's reference block quantizers (quantize_row_*_ref) and, for the
 // K-quants, its importance-weighted ones (the quant_weights != NULL path of quantize_q*_K),
-// reimplemented bit for bit.
+// reimplemented bit for bit; likewise the importance-weighted Q4_0/Q4_1/Q5_0/Q5_1 (llama.cpp uses
+// them for the 32-weight fallback types when quantizing with an imatrix).
 //
 // Bit-exactness rests on doing the same IEEE float32 operations in the same order as ggml's C code:
 // every sum is a left-to-right chain, a*b+c is two roundings (never a fused multiply-add: this file
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -1000,6 +1002,45 @@ TC_CLONES void run_blocks(int64_t qtype, const float* x, uint8_t* y, const float
   }
 }
 
+// Importance-weighted 32-weight blocks (quantize_row_q4_0/q4_1/q5_0/q5_1_impl): 8 blocks at a time,
+// one per lane (from anywhere in the tensor; a short last group repeats its last block).
+// sigma2: per row, sum of squares / n_per_row.
+TC_CLONES void run_legacy_imatrix(int64_t qtype, const float* x, uint8_t* y, const float* qw, const float* sigma2,
+                                  int64_t nb_row, int64_t b0, int64_t b1, int bytes) {
+  for (int64_t g = b0; g < b1; g += W) {
+    int64_t blk[W];
+    for (int k = 0; k < W; ++k) blk[k] = std::min(g + k, b1 - 1);
+    VF xt[32], wt[32];
+    VI Lt[32];
+    for (int i = 0; i < 32; ++i)
+      for (int k = 0; k < W; ++k) {
+        const float v = x[blk[k] * 32 + i];
+        xt[i][k] = v;
+        wt[i][k] = qw[(blk[k] % nb_row) * 32 + i] * std::sqrt(sigma2[blk[k] / nb_row] + v * v);
+      }
+    VF d, the_min = VF{};
+    if (qtype == 2) d = qx_search(32, 8, xt, wt, Lt);
+    else if (qtype == 6) d = qx_search(32, 16, xt, wt, Lt);
+    else d = qkx_search(32, qtype == 3 ? 15 : 31, xt, wt, Lt, &the_min, -0.9f, 0.05f, 36, false);
+    const int n = static_cast<int>(std::min<int64_t>(W, b1 - g));
+    for (int k = 0; k < n; ++k) {
+      uint8_t* yb = y + (g + k) * bytes;
+      put_f16(yb, d[k]);
+      uint8_t* qs = yb + (qtype == 2 ? 2 : qtype == 3 ? 4 : qtype == 6 ? 6 : 8);
+      if (qtype == 3 || qtype == 7) put_f16(yb + 2, -the_min[k]);
+      uint32_t qh = 0;
+      for (int j = 0; j < 16; ++j) {
+        const uint32_t a = static_cast<uint32_t>(Lt[j][k]) & 0xff, b = static_cast<uint32_t>(Lt[j + 16][k]) & 0xff;
+        qs[j] = static_cast<uint8_t>((a & 0x0F) | ((b & 0x0F) << 4));
+        qh |= ((a & 0x10u) >> 4) << j;
+        qh |= ((b & 0x10u) >> 4) << (j + 16);
+      }
+      if (qtype == 6) std::memcpy(yb + 2, &qh, 4);
+      if (qtype == 7) std::memcpy(yb + 4, &qh, 4);
+    }
+  }
+}
+
 at::Tensor quantize(const at::Tensor& x, int64_t qtype, const c10::optional<at::Tensor>& quant_weights) {
   TypeInfo t;
   TORCH_CHECK(type_info(qtype, &t), "gguf quantize: unsupported ggml type ", qtype);
@@ -1011,10 +1052,25 @@ at::Tensor quantize(const at::Tensor& x, int64_t qtype, const c10::optional<at::
   at::Tensor qw;
   const float* qwp = nullptr;
   if (quant_weights.has_value() && quant_weights->defined()) {
-    TORCH_CHECK(t.kquant, "gguf quantize: importance weights are supported for the K-quants only");
+    TORCH_CHECK(t.kquant || qtype == 2 || qtype == 3 || qtype == 6 || qtype == 7 || qtype == 8,
+                "gguf quantize: no importance-weighted quantizer for ggml type ", qtype);
     qw = quant_weights->to(at::kFloat).contiguous();
     TORCH_CHECK(qw.numel() == k, "gguf quantize: importance weights have ", qw.numel(), " values, rows have ", k);
     qwp = qw.data_ptr<float>();
+    if (qtype == 8) qwp = nullptr;  // Q8_0 ignores importance weights (as quantize_q8_0 does)
+  }
+  const bool legacy_imatrix = qwp != nullptr && !t.kquant;
+  std::vector<float> sigma2;
+  if (legacy_imatrix) {  // per row: sum of squares (left to right) / n_per_row, as the _impl functions
+    sigma2.resize(static_cast<size_t>(rows));
+    const float* xr = xc.data_ptr<float>();
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float s2 = 0;
+        for (int64_t j = 0; j < k; ++j) s2 += xr[r * k + j] * xr[r * k + j];
+        sigma2[static_cast<size_t>(r)] = s2 / static_cast<float>(k);
+      }
+    });
   }
   const int64_t nb_row = k / t.block, nblocks = rows * nb_row;
   at::Tensor out = at::empty({rows, nb_row * t.bytes}, x.options().dtype(at::kByte));
@@ -1023,13 +1079,16 @@ at::Tensor quantize(const at::Tensor& x, int64_t qtype, const c10::optional<at::
   // Dynamic scheduling: each of at::parallel_for's threads takes small chunks from a shared counter
   // until none is left, so a thread the OS preempts (a busy machine) delays one chunk, not a fixed
   // half of the tensor.
-  const int64_t chunk = t.kquant ? 16 : 2048;
+  const int64_t chunk = t.kquant ? 16 : legacy_imatrix ? 64 : 2048;
   const int64_t nchunks = (nblocks + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nchunks);
   auto work = [&]() {
-    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
-      run_blocks(qtype, xp, yp, qwp, nb_row, c * chunk, std::min(nblocks, (c + 1) * chunk), t.block, t.bytes);
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
+      const int64_t b0 = c * chunk, b1 = std::min(nblocks, (c + 1) * chunk);
+      if (legacy_imatrix) run_legacy_imatrix(qtype, xp, yp, qwp, sigma2.data(), nb_row, b0, b1, t.bytes);
+      else run_blocks(qtype, xp, yp, qwp, nb_row, b0, b1, t.block, t.bytes);
+    }
   };
   if (nthreads <= 1) {
     work();

@@ -1,5 +1,5 @@
 """imatrix: per-column mean squared activations (checked against a hand-computed layer input), saved and
-loaded, and used by the GGUF export for exactly the K-quant tensors."""
+loaded, and used by the GGUF export for exactly the tensors whose type has a weighted quantizer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import torch
 
 from tests.tiny import make_tokenizer, tiny_config
 from torchcompress.calibration.data import CalibrationSet
-from torchcompress.calibration.imatrix import compute_imatrix, imatrix_from_spec, load_imatrix, save_imatrix
+from torchcompress.calibration.imatrix import (
+    compute_imatrix,
+    imatrix_from_spec,
+    load_imatrix,
+    save_imatrix,
+)
 from torchcompress.errors import InputError
 from torchcompress.primitives import gguf_blocks
-from torchcompress.primitives.gguf_common import GGMLType as G
+from torchcompress.primitives.gguf_blocks import IMATRIX_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def test_save_load_roundtrip_and_errors(tiny, tmp_path):
         load_imatrix(tmp_path / "neg.safetensors")
 
 
-def test_export_uses_imatrix_for_kquant_tensors_only(tiny, tmp_path):
+def test_export_uses_imatrix_for_weighted_types_only(tiny, tmp_path):
     if gguf_blocks._native_op() is None:
         pytest.skip("importance-weighted quantization needs the native kernels")
     from torchcompress.formats.gguf_read import read_gguf
@@ -76,7 +81,7 @@ def test_export_uses_imatrix_for_kquant_tensors_only(tiny, tmp_path):
     assert a.types == b.types
     ga, gb = read_gguf(a.path), read_gguf(b.path)
     changed = {n for n in ga.tensors if not torch.equal(ga.tensor_bytes(n), gb.tensor_bytes(n))}
-    kq = {n for n, t in b.types.items() if t.name.endswith("_K") and n != "token_embd.weight" and n != "output.weight"}
+    kq = {n for n, t in b.types.items() if t in IMATRIX_TYPES and n not in ("token_embd.weight", "output.weight")}
     assert changed == kq and kq
     # and each changed tensor is exactly quantize(..., importance=its column importance)
     w = model.model.layers[1].mlp.down_proj.weight

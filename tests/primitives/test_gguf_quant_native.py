@@ -1,5 +1,5 @@
 """Native GGUF quantizers (kernels/cpu/gguf_quant.cpp): byte-identical to the PyTorch reference and to
-ggml's own C code (committed vectors: ``quantize_row_*_ref`` and the imatrix ``quantize_q*_K`` path)."""
+ggml's own C code (committed vectors: ``quantize_row_*_ref`` and the imatrix ``quantize_<type>`` path)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_native_and_reference_match_ggml(native, qtype, monkeypatch):
     assert gguf_blocks._native_op() is None
 
 
-@pytest.mark.parametrize("qtype", KQUANTS)
+@pytest.mark.parametrize("qtype", KQUANTS + ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_imatrix_matches_ggml(native, qtype):
     vec = np.load(DATA / "ggml_imatrix_vectors.npz")
     keys = [f for f in vec.files if f.startswith("out/") and NAMES[f.split("/")[2]] == qtype]
@@ -101,8 +101,8 @@ def test_threads_do_not_change_bytes(native):
 
 def test_importance_errors(monkeypatch):
     x = torch.randn(2, 256)
-    with pytest.raises(ConfigError, match="K-quants only"):
-        quantize(x, GGMLType.Q8_0, importance=torch.ones(256))
+    with pytest.raises(ConfigError, match="no importance-weighted"):
+        quantize(x, GGMLType.Q8_1, importance=torch.ones(256))
     with pytest.raises(ConfigError, match="255 importance weights"):
         quantize(x, GGMLType.Q4_K, importance=torch.ones(255))
     with pytest.raises(NumericError):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..primitives.gguf_blocks import quantize
+from ..primitives.gguf_blocks import IMATRIX_TYPES, quantize
 from ..primitives.gguf_common import GGMLType
 from .gguf_file import DEFAULT_ALIGNMENT, KV, TensorPlan, VType, write_gguf
 from .gguf_mix import FileType, MixOptions, TypePlanner, parse_file_type
@@ -29,7 +29,6 @@ from .gguf_mix import FileType, MixOptions, TypePlanner, parse_file_type
 log = logging.getLogger(__name__)
 
 ARCH = "llama"
-_KQUANTS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 _LAYER_MAP = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -156,9 +155,9 @@ def export_gguf(
     (GPT-2 style byte-level BPE; ``tokenizer_pre`` names llama.cpp's pre-tokenizer).
 
     ``importance``: an imatrix (``{module name: (in_features,) mean squared activation}``, see
-    :func:`torchcompress.calibration.imatrix.compute_imatrix`); tensors planned as K-quants are then
-    quantized with ggml's importance-weighted search (``quantize_q*_K(..., quant_weights)``). The
-    32-weight fallback types are quantized without it (their weighted variants are not implemented).
+    :func:`torchcompress.calibration.imatrix.compute_imatrix`); tensors planned as K-quants or
+    Q4_0/Q4_1/Q5_0/Q5_1 are then quantized with ggml's importance-weighted search
+    (``quantize_<type>(..., quant_weights)``, as llama.cpp's quantizer does with ``--imatrix``).
     """
     from .gguf_tokenizer import tokenizer_kv, tokenizer_kv_from_gguf
 
@@ -194,7 +193,7 @@ def export_gguf(
         if heads is not None:
             w = permute_rope(w, heads)  # permutes rows; the imatrix is per column, unchanged
         imp = None
-        if importance is not None and plan.qtype in _KQUANTS:
+        if importance is not None and plan.qtype in IMATRIX_TYPES:
             imp = importance.get(hf.removesuffix(".weight"))
         return quantize(w, plan.qtype, name=hf, importance=imp)
 

@@ -54,6 +54,8 @@ def can_quantize(qtype: GGMLType, n_per_row: int) -> bool:
 
 
 _KQUANTS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+# types with an importance-weighted quantizer in ggml (Q8_0 accepts and ignores the weights, as ggml does)
+IMATRIX_TYPES = _KQUANTS + (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
 
 
 def _native_op():
@@ -77,9 +79,9 @@ def quantize(
 ) -> torch.Tensor:
     """(..., K) float -> (..., row_bytes) uint8 in ggml's layout for ``qtype`` (F32/F16/BF16 too).
 
-    ``importance``: optional (K,) non-negative weights per column (llama.cpp's imatrix) for the
-    K-quants, giving ``quantize_q*_K(..., quant_weights)``'s bytes; other types reject it
-    (their importance-weighted variants are not implemented).
+    ``importance``: optional (K,) non-negative weights per column (llama.cpp's imatrix), giving
+    ``quantize_<type>(..., quant_weights)``'s bytes for the K-quants and Q4_0/Q4_1/Q5_0/Q5_1; Q8_0
+    ignores it (as ggml does); Q8_1 and float types reject it.
     """
     qtype = GGMLType(qtype)
     if x.numel() == 0:
@@ -119,8 +121,8 @@ def quantize_reference(x: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
 
 
 def _check_importance(imp: torch.Tensor, qtype: GGMLType, k: int, name: str) -> torch.Tensor:
-    if qtype not in _KQUANTS:
-        raise ConfigError("importance", f"{name}: importance weights apply to the K-quants only, not {qtype.name}")
+    if qtype not in IMATRIX_TYPES + (GGMLType.Q8_0,):
+        raise ConfigError("importance", f"{name}: {qtype.name} has no importance-weighted quantizer")
     imp = imp.detach().to(torch.float32).reshape(-1).contiguous()
     if imp.numel() != k:
         raise ConfigError("importance", f"{name}: {imp.numel()} importance weights for rows of {k} columns")

@@ -8,8 +8,8 @@ vendors it; nothing of it is copied into this repository) together with a tiny h
     python tests/data/gguf/gen_vectors.py /tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml
     python tests/data/gguf/gen_vectors.py --imatrix /tmp/lcpp/.../ggml   # -> ggml_imatrix_vectors.npz
 
-``--imatrix`` stores the K-quants' importance-weighted path instead: ``quantize_q*_K(src, dst, nrow,
-n_per_row, quant_weights)`` with one weight per column, as llama.cpp's quantizer calls it with an
+``--imatrix`` stores the importance-weighted path instead (K-quants and Q4_0/Q4_1/Q5_0/Q5_1):
+``quantize_<type>(src, dst, nrow, n_per_row, quant_weights)`` with one weight per column, as llama.cpp's quantizer calls it with an
 imatrix (``ggml_row_size`` and ``ggml_abort``, the ggml.c symbols it needs, are defined in the harness).
 
 Compiled with ``-O2 -DNDEBUG -ffp-contract=off`` (NDEBUG as in release builds, whose asserts are off) for the baseline x86-64 ISA: plain IEEE float32, one rounding
@@ -44,8 +44,12 @@ void ggml_abort(const char * file, int line, const char * fmt, ...) {  /* GGML_A
     abort();
 }
 
-size_t ggml_row_size(enum ggml_type type, int64_t ne) {  /* K-quants only (used by quantize_q*_K) */
+size_t ggml_row_size(enum ggml_type type, int64_t ne) {  /* the types quantize_<type> is called for */
     switch (type) {
+        case GGML_TYPE_Q4_0: return ne / 32 * 18;
+        case GGML_TYPE_Q4_1: return ne / 32 * 20;
+        case GGML_TYPE_Q5_0: return ne / 32 * 22;
+        case GGML_TYPE_Q5_1: return ne / 32 * 24;
         case GGML_TYPE_Q2_K: return ne / 256 * 84;
         case GGML_TYPE_Q3_K: return ne / 256 * 110;
         case GGML_TYPE_Q4_K: return ne / 256 * 144;
@@ -74,7 +78,7 @@ int main(int argc, char ** argv) {
         if (!f || fread(qw, sizeof(float), npr, f) != (size_t) npr) return 3;
         fclose(f);
 #define QCASE(name) if (!strcmp(t, #name)) { bytes = quantize_##name(x, y, n / npr, npr, qw); }
-        QCASE(q2_K) QCASE(q3_K) QCASE(q4_K) QCASE(q5_K) QCASE(q6_K)
+        QCASE(q2_K) QCASE(q3_K) QCASE(q4_K) QCASE(q5_K) QCASE(q6_K) QCASE(q4_0) QCASE(q4_1) QCASE(q5_0) QCASE(q5_1)
         if (!bytes) return 4;
         goto write;
     }
@@ -172,7 +176,7 @@ def main(ggml_dir: str, out: str, imatrix: bool = False) -> None:
                 arrays[f"imp/{name}"] = qw
                 (tmp / "in.f32").write_bytes(x.tobytes())
                 (tmp / "qw.f32").write_bytes(qw.tobytes())
-                for t in ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K"):
+                for t in ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0", "q4_1", "q5_0", "q5_1"):
                     subprocess.run([str(exe), t, str(x.size), str(tmp / "in.f32"), str(tmp / "out.bin"),
                                     str(x.shape[1]), str(tmp / "qw.f32")], check=True)
                     data = np.frombuffer((tmp / "out.bin").read_bytes(), dtype=np.uint8)
