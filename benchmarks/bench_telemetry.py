@@ -17,7 +17,11 @@ The per-forward overhead is also derived from a microbenchmark of the hooks alon
 cheap modules, where hook cost dominates) to cross-check the noisy end-to-end ratio on a busy
 machine: ``expected overhead = hook cost per forward / plain forward time``.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_telemetry.py --rounds 15 --calls 10 --seq-len 128
+    HF_HUB_OFFLINE=1 python benchmarks/bench_telemetry.py --rounds 15 --calls 10 --seq-len 128 --threads 1
+
+With ``--threads 1`` the thread CPU-time ratio is printed too: on a shared, busy machine it is far
+less noisy than wall time (preemption by other processes does not count), and the hooks' cost is
+CPU work on that same thread.
 """
 
 from __future__ import annotations
@@ -54,11 +58,11 @@ def _timed(model, ids, calls, variant, mp, sync):
     h = None if variant is None else instrument(model, variant[0], sample_ratio=variant[1], meter_provider=mp)
     try:
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             model(input_ids=ids)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
     finally:
         if h is not None:
             h.remove()
@@ -96,7 +100,10 @@ def main():
     ap.add_argument("--calls", type=int, default=10, help="forwards per variant per round (multiple of 10)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from torchcompress.models import load_model
 
@@ -118,27 +125,31 @@ def main():
         for _ in range(3):  # warm up
             model(input_ids=ids)
         names = list(VARIANTS)
-        per_round = {n: [] for n in names}
+        per_round = {n: [] for n in names}  # wall-time ratio to plain (plain: ms per forward)
+        cpu_round = {n: [] for n in names}  # thread CPU-time ratio (with --threads 1: the forward's own work)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             t = {n: _timed(model, ids, args.calls, VARIANTS[n], mp, sync) for n in order}
             for n in names:
-                per_round[n].append(t[n] / t["plain"])
-            per_round["plain"][-1] = t["plain"] / args.calls * 1e3  # ms per forward, for the header
+                per_round[n].append(t[n][0] / t["plain"][0])
+                cpu_round[n].append(t[n][1] / t["plain"][1])
+            per_round["plain"][-1] = t["plain"][0] / args.calls * 1e3  # ms per forward, for the header
             print(f"round {r + 1}/{args.rounds}: plain {per_round['plain'][-1]:.1f} ms/forward; "
-                  + ", ".join(f"{n} {per_round[n][-1]:.3f}" for n in names[1:]), flush=True)
+                  + ", ".join(f"{n} {per_round[n][-1]:.3f} (cpu {cpu_round[n][-1]:.3f})" for n in names[1:]), flush=True)
         costs = hook_cost_us(mp)
 
     plain_ms = statistics.median(per_round["plain"])
     print(f"\nplain forward: median {plain_ms:.1f} ms (min {min(per_round['plain']):.1f}, max {max(per_round['plain']):.1f})")
-    print("\n| variant | hooks/forward | time ratio vs plain (median) | IQR | expected from hook cost |")
-    print("|---|---|---|---|---|")
+    print("\n| variant | hooks/forward | wall ratio vs plain (median) | IQR | thread CPU ratio (median) | IQR | expected from hook cost |")
+    print("|---|---|---|---|---|---|---|")
     for n in names[1:]:
         mods, ratio = VARIANTS[n]
         q = statistics.quantiles(per_round[n], n=4)
+        qc = statistics.quantiles(cpu_round[n], n=4)
         k = 0 if mods is None else (n_blocks if n.startswith("+blocks") else n_blocks + n_lin)
         per_fwd_us = costs[f"root @{ratio}"] + k * costs[f"per module @{ratio}"]
         print(f"| {n} | {2 + 2 * k} | {statistics.median(per_round[n]):.4f} | {q[0]:.4f}-{q[2]:.4f} | "
+              f"{statistics.median(cpu_round[n]):.4f} | {qc[0]:.4f}-{qc[2]:.4f} | "
               f"{1 + per_fwd_us / (plain_ms * 1e3):.4f} |")
     print("\nhook cost (microbenchmark, 32 Identity modules): "
           + ", ".join(f"{k} {v:.2f} us" for k, v in costs.items()))

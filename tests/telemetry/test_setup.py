@@ -58,7 +58,7 @@ def test_hung_collector_bounded_shutdown_counted_drops(protocol):
     lines = [ln for ln in p.stderr.splitlines() if "not delivered" in ln]
     assert len(lines) == 1 and "of 3000 spans" in lines[0], p.stderr
     assert int(lines[0].split("telemetry: ")[1].split(" of ")[0]) >= 2000  # the queue held 1000 at most
-    assert "opentelemetry" not in p.stderr  # the SDK's per-attempt / per-span messages are held back
+    assert "opentelemetry" not in p.stderr, p.stderr  # the SDK's per-attempt / per-span messages are held back
 
 
 @pytest.mark.slow

@@ -286,13 +286,15 @@ def shutdown(timeout: float | None = None) -> None:
         calls.append(st.tracer_provider.shutdown)
     if st.meter_provider is not None:
         calls.append(lambda: st.meter_provider.shutdown(timeout_millis=timeout * 1000))
-    if not _bounded(calls, timeout):
+    finished = _bounded(calls, timeout)
+    if not finished:
         log.debug("telemetry: shutdown took longer than %.1fs; leaving the exporters behind", timeout)
     msg = st.drops.summary()
     if msg:
         log.warning(msg)
-    for name, f in st.filters:
-        logging.getLogger(name).removeFilter(f)
+    if finished:  # an exporter left behind still logs its failure later: keep it quiet
+        for name, f in st.filters:
+            logging.getLogger(name).removeFilter(f)
 
 
 def _bounded(calls, timeout: float) -> bool:
