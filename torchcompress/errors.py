@@ -47,3 +47,12 @@ class FormatError(InputError):
     def __init__(self, path: str, message: str):
         self.path = str(path)
         super().__init__(f"{path}: {message}")
+
+
+class WriteError(InputError):
+    """An output could not be written (disk full, file too large, read-only, permission); the previous
+    output, if any, is intact (writes are atomic). ``path`` names the output."""
+
+    def __init__(self, path: str, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")

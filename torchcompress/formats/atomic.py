@@ -7,13 +7,28 @@ directory, fsync it, swap it in with renames (old output moved aside first and d
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import InputError
+from ..errors import InputError, WriteError
+
+# errors of the disk, not of our code: reported as a typed WriteError (the old output is intact)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+_DISK_MESSAGES = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors) report an OS error
+
+
+def _as_write_error(path: Path, e: BaseException) -> WriteError | None:
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        return WriteError(path, f"cannot write: {os.strerror(e.errno)}; nothing was replaced")
+    m = _DISK_MESSAGES.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+    if m and int(m.group(1)) in _DISK_ERRNOS:
+        return WriteError(path, f"cannot write: {os.strerror(int(m.group(1)))}; nothing was replaced")
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,9 +83,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator:
             os.fsync(f.fileno())
         _public_modes(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        err = _as_write_error(path, e)
+        if err is not None:
+            raise err from None
         raise
     _fsync_dir(parent)
 
@@ -109,6 +127,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = _as_write_error(path, e)
+        if err is not None:
+            raise err from None
         raise
