@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SelfGenConfig:
-    """How to sample calibration text from the model (from BOS, temperature + nucleus sampling)."""
+    """How to sample calibration text from the model (from a document start, temperature + nucleus sampling)."""
 
     num_samples: int = 128
     seq_len: int = 512
@@ -30,7 +30,10 @@ class SelfGenConfig:
     batch_size: int = 32
     seed: int = 0
     prompt: str = ""  # text after the start token that every sample starts with
-    start: str = "bos"  # "bos", "document" (the pretraining document separator, see _start_ids) or a token
+    # "document" (default: after the pretraining document separator, see _start_ids), "bos", or a token.
+    # Measured on SmolLM2-135M-Instruct, GPTQ W3 g64, 32 x 512, held-out GPL-3 (float 22.97, RTN 70.12,
+    # in-domain calibration 42.34): from BOS (its chat-role <|im_start|>) 75.82, from the document separator 52.66.
+    start: str = "document"
 
 
     def __post_init__(self):
