@@ -95,6 +95,11 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
 
     manifest = build_manifest(model)
     sd, tied = _dedupe_state_dict(model)
+    for key, t in sd.items():  # no NaN is ever written: a non-finite float tensor (a norm, a bias) is refused by name
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            from ..errors import NumericError
+
+            raise NumericError(key, "holds NaN/Inf values; refusing to write the checkpoint")
     manifest["tied"] = tied
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
