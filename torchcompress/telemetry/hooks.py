@@ -5,7 +5,8 @@ Every forward of the model and of the chosen modules is timed into the histogram
 made once per model forward (deterministically: every 1/ratio-th call), and module hooks of an
 unsampled forward return at once. On CUDA a forward is timed with CUDA events, read back once
 they completed (polled, never waited for) and at ``remove()`` (the one synchronize); on CPU with
-``time.perf_counter_ns``.
+``time.perf_counter_ns``. The hooks assume one forward of the model at a time (training, eval and
+generation loops); forwards of one model from several threads at once may mis-time modules.
 
 Example::
 
