@@ -132,3 +132,23 @@ def test_bad_arguments():
         LoRALinear(nn.Linear(4, 4), r=1, init="pissa")
     with pytest.raises(InputError, match="in_features"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=1)
+
+
+def test_add_lora_on_a_plain_module_and_config_errors():
+    import torchcompress as tc
+    from torchcompress.lowrank.lora import lora_parameters, merge_lora_
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    tc.quantize_(model, QuantScheme(bits=4, group_size=8), targets=["2"])
+    tc.add_lora_(model, tc.LoRAConfig(targets=(nn.Linear, QuantLinear), r=2))
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2].base_layer, QuantLinear)
+    assert len(lora_parameters(model)) == 4
+    errs = merge_lora_(model)
+    assert errs["0"] is None and errs["2"].base_kind == "QuantLinear"
+    assert type(model[0]) is nn.Linear and type(model[2]) is QuantLinear
+    with pytest.raises(ConfigError, match="targets"):
+        tc.add_lora_(model, tc.LoRAConfig(targets=("nope",)))
+    for kw, field in [({"r": 0}, "r"), ({"alpha": -1}, "alpha"), ({"dropout": 1.0}, "dropout"),
+                      ({"use_rslora": 1}, "use_rslora"), ({"targets": ()}, "targets"), ({"init": "x"}, "init")]:
+        with pytest.raises(ConfigError, match=field):
+            tc.LoRAConfig(**kw)
