@@ -50,7 +50,9 @@ def _describe_dir(path: Path) -> str:
     if manifest is not None:
         mods = manifest["modules"]
         schemes = Counter()
-        for entry in mods.values():
+        for name, entry in mods.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("scheme", {}), dict):
+                raise FormatError(path, f"manifest entry of module {name!r} is not a mapping")
             s = entry.get("scheme", {})
             gran = s.get("granularity")
             g = f"g{s.get('group_size')}" if gran == "group" else gran

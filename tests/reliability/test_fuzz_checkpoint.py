@@ -176,3 +176,19 @@ def test_fuzz_safetensors_bytes(base, data):
 def test_unmutated_checkpoint_loads(base):
     """The fuzzers' starting point is valid (otherwise every case would be a trivial error)."""
     assert check_loads_or_typed_error(base["root"] / "good") is not None
+
+
+@fuzz(30)
+@given(data=st.data())
+def test_fuzz_info_on_manifest(base, data):
+    """`torchcompress info` reads the same manifest: a typed error or a description, nothing else."""
+    from torchcompress.info import describe
+
+    paths = list(_paths(base["manifest"]))
+    m = _set(base["manifest"], data.draw(st.sampled_from(paths), label="path"), data.draw(json_values(), label="value"))
+    d = _write(base, manifest=m)
+    with no_hang(10):
+        try:
+            assert isinstance(describe(d), str)
+        except InputError:
+            pass
