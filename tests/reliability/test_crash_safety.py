@@ -106,7 +106,7 @@ def test_kill_during_save_compressed(tmp_path):
         return [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
     outcomes = kill_at_random([lambda: tc.save_compressed(a, out), lambda: tc.save_compressed(b, out)],
-                              verify, leftovers, trials=25, max_delay=0.25)
+                              verify, leftovers, trials=12, max_delay=0.25)
     assert set(outcomes) <= {"A", "B", "nothing"}
     assert "B" in outcomes  # some kills came after a complete swap
 
@@ -141,7 +141,7 @@ def test_kill_during_gguf_write(tmp_path):
     def leftovers():
         return [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf.")]
 
-    outcomes = kill_at_random([lambda: write(1), lambda: write(2)], verify, leftovers, trials=25, max_delay=0.25)
+    outcomes = kill_at_random([lambda: write(1), lambda: write(2)], verify, leftovers, trials=12, max_delay=0.25)
     assert "nothing" not in outcomes  # a file is replaced by one rename: never absent once written
     assert 2 in outcomes
 
