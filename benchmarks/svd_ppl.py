@@ -25,6 +25,7 @@ from torchcompress.eval.perplexity import evaluate, make_windows
 from torchcompress.lowrank import SVDConfig
 from torchcompress.lowrank.svd import input_second_moments, lowrank_
 from torchcompress.models import load_model
+from torchcompress.nn.lowrank_linear import LowRankLinear
 from torchcompress.targets import select_modules
 
 MLP = ["re:.*mlp\\.(gate|up|down)_proj"]
@@ -74,8 +75,9 @@ def main(argv=None) -> int:
             cfg = SVDConfig(param_ratio=ratio, activation_aware=mode == "aware",
                             allocation="global" if a.global_ else "uniform")
             lowrank_(model, cfg, targets=MLP, second_moments=xtx)
-        kept_mlp = sum(m.weight.numel() if hasattr(m, "rank") is False else m.rank * (m.in_features + m.out_features)
-                       for m in (model.get_submodule(n) for n in names))
+        mods = [model.get_submodule(n) for n in names]  # LowRankLinear, or nn.Linear where kept dense
+        kept_mlp = sum(m.rank * (m.in_features + m.out_features) if isinstance(m, LowRankLinear) else m.weight.numel()
+                       for m in mods)
         res = evaluate(model, windows)
         row = {"mode": mode, "param_ratio": ratio, "allocation": "global" if a.global_ else "uniform",
                "perplexity": round(res.perplexity, 3), "params": _params(model), "params_float": _params(base),
