@@ -20,6 +20,7 @@ def main(out: str) -> None:
 
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
+    print("distributed:", acc.distributed_type, acc.num_processes, flush=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config(hidden_size=64, intermediate_size=96))
     ids = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(0))
