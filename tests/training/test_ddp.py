@@ -38,5 +38,5 @@ def test_two_process_qat_matches_one_process(tmp_path):
     assert b["losses"] == pytest.approx(a["losses"], rel=2e-4)
     print("1 process:", a["losses"], "\n2 processes:", b["losses"], "\nweight sums:", a["w_sum"], b["w_sum"])
     # Adam turns all-reduce rounding on near-zero gradients into lr-sized steps: measured |diff| 2.0e-4
-    # on a sum of 6144 weights that each moved ~1e-2; a broken all-reduce or data split moves it by > 1e-1
+    # on this sum of 6144 weights (bound: 10x that); the loss curve above is the acceptance check
     assert b["w_sum"] == pytest.approx(a["w_sum"], abs=2e-3)
