@@ -8,6 +8,7 @@ every variant once), median over rounds:
                    kernels (the native CPU extension when it builds);
 * ``W4 g128 ref``  the same modules, forced onto the pure-PyTorch reference (TORCHCOMPRESS_KERNEL);
 * ``Q4_0``         every Linear but lm_head -> GGUFLinear Q4_0, when torchcompress.nn.gguf_linear exists;
+* ``Q4_K_M``       every Linear but lm_head -> GGUFLinear with llama.cpp's Q4_K_M mix of block types;
 * ``llama.cpp``    the bundled .gguf through llama-cpp-python, when installed (its own weights file,
                    so not the same quantization; printed for orientation only).
 
@@ -49,6 +50,18 @@ def quantize_q4_0(model: nn.Module):
             if isinstance(child, nn.Linear) and not full.endswith("lm_head"):
                 setattr(mod, child_name, GGUFLinear.from_linear(child, GGMLType.Q4_0, name=full))
     return model, ""
+
+
+def quantize_q4_k_m(model: nn.Module):
+    """llama.cpp's Q4_K_M mix (torchcompress.quant.gguf): on SmolLM2 Q5_0 for the 576-wide inputs
+    (not a multiple of 256), Q4_K/Q6_K for ffn_down, Q8_0 for some attn_v; lm_head stays float as
+    in the other variants."""
+    try:
+        from torchcompress.quant.gguf import quantize_gguf_
+        from torchcompress.quant.gguf_config import GGUFConfig
+    except ImportError as e:
+        return None, f"skipped ({e})"
+    return quantize_gguf_(model, GGUFConfig("Q4_K_M"), ignore=["lm_head", "re:.*embed.*"]), ""
 
 
 class Forced:
@@ -120,6 +133,9 @@ def main(argv=None) -> None:
     q4, why_q4 = quantize_q4_0(copy.deepcopy(base))
     if q4 is not None:
         variants["Q4_0"] = (q4.eval(), None)
+    qkm, why_qkm = quantize_q4_k_m(copy.deepcopy(base))
+    if qkm is not None:
+        variants["Q4_K_M"] = (qkm.eval(), None)
     llama_run, llama_what = llama_cpp_runner(args.new_tokens)
 
     n = args.new_tokens
@@ -149,6 +165,11 @@ def main(argv=None) -> None:
         print(f"{name:>14} {tps:>9.1f} {tps / base_tps:>8.2f}x")
     if q4 is None:
         print(f"Q4_0: {why_q4}")
+    if qkm is None:
+        print(f"Q4_K_M: {why_qkm}")
+    else:
+        kinds = sorted({m.qtype.name for m in qkm.modules() if hasattr(m, "qtype")})
+        print(f"Q4_K_M block types used: {', '.join(kinds)}")
     if llama_run is None:
         print(f"llama.cpp: {llama_what}")
     else:

@@ -4,7 +4,9 @@ All variants of a shape and batch are measured side by side in one process, inte
 (fp32, W4 sym, W4 asym, W8, ..., W4 through the reference, fp32, ...) so that machine noise hits
 them alike; each cell is the median over ``--repeats`` rounds. ``W4 ref`` is the W4 g128 sym layer
 forced onto the pure-PyTorch reference in the same run, so native vs reference vs fp32 is one
-table. The package never imports this file.
+table. ``GPTQ W4 act-order`` is a GPTQLinear (W4 g128 asym) whose ``g_idx`` follows a random column
+order; GGUF columns are GGUFLinear layers (K-quants only where K is a multiple of 256). The
+package never imports this file.
 
     python benchmarks/bench_linear.py                      # default shapes, batches 1 and 16
     python benchmarks/bench_linear.py --repeats 9 --shapes 576x1536,4096x4096
@@ -35,12 +37,34 @@ REFERENCE_OF = "W4 g128 sym"  # also timed through the pure-PyTorch reference, a
 
 
 def gguf_types() -> dict:
-    """GGUF Q4_0 / Q8_0 columns, when the GGUF modules are present."""
+    """GGUF columns (legacy Q4_0/Q8_0, K-quants Q4_K/Q5_K/Q6_K), when the GGUF modules are present."""
     try:
         from torchcompress.primitives.gguf_common import GGMLType
     except ImportError:
         return {}
-    return {"Q4_0": GGMLType.Q4_0, "Q8_0": GGMLType.Q8_0}
+    return {name: GGMLType[name] for name in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")}
+
+
+def gptq_act_order(lin: nn.Linear, scheme: QuantScheme) -> nn.Module:
+    """A GPTQLinear whose groups follow a random column order (act-order ``g_idx``): the RTN codes of
+    the weight regrouped as act-order GPTQ would group them. Speed depends only on the layout."""
+    from types import SimpleNamespace
+
+    from torchcompress.nn.gptq_linear import GPTQLinear
+    from torchcompress.primitives.affine import compute_qparams, quantize_with_qparams
+
+    k, gs = lin.in_features, scheme.group_size
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(0))
+    w = lin.weight.detach()[:, order]  # columns in "quantization order"; groups are contiguous there
+    scale, zero, _ = compute_qparams(w, scheme)
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    codes[:, order] = quantize_with_qparams(w, scale, zero, scheme.bits, gs)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // gs).to(torch.int32)
+    mod = GPTQLinear(k, lin.out_features, lin.bias is not None, scheme, device="meta")
+    mod.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    mod._set_buffers(SimpleNamespace(codes=codes, scale=scale, zero=zero, g_idx=g_idx))
+    return mod
 
 
 class ForcedReference(nn.Module):
@@ -97,10 +121,13 @@ def bench_shape(k: int, n: int, batch: int, repeats: int, warmup: int, target_s:
     for name, scheme in SCHEMES.items():
         mods[name] = QuantLinear.from_linear(lin, scheme).eval()
     mods["W4 ref"] = ForcedReference(mods[REFERENCE_OF])
+    mods["GPTQ W4 act-order"] = gptq_act_order(lin, SCHEMES["W4 g128 asym"]).eval()
     for name, qtype in gguf_types().items():  # ggml blocks through torchcompress::gguf_linear
         from torchcompress.nn.gguf_linear import GGUFLinear
+        from torchcompress.primitives.gguf_common import LAYOUTS
 
-        mods[name] = GGUFLinear.from_linear(lin, qtype).eval()
+        if k % LAYOUTS[qtype].block_size == 0:  # K-quants need rows of 256-weight super-blocks
+            mods[name] = GGUFLinear.from_linear(lin, qtype).eval()
     x = torch.randn(batch, k)
     times: dict[str, list[float]] = {name: [] for name in mods}
     with torch.inference_mode():
@@ -137,7 +164,7 @@ def main(argv=None) -> None:
     kernel = os.environ.get("TORCHCOMPRESS_KERNEL", "auto")
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, repeats {args.repeats} (median), "
           f"TORCHCOMPRESS_KERNEL={kernel}; ratio = QuantLinear time / fp32 nn.Linear time")
-    cols = list(SCHEMES) + ["W4 ref"] + list(gguf_types())
+    cols = list(SCHEMES) + ["W4 ref", "GPTQ W4 act-order"] + list(gguf_types())
     header = f"{'shape (in x out)':>17} {'batch':>5} {'fp32 ms':>9} " + " ".join(f"{c + ' ms (x)':>22}" for c in cols)
     print(header)
     print("-" * len(header))
@@ -145,9 +172,10 @@ def main(argv=None) -> None:
         for b in batches:
             med = bench_shape(k, n, b, args.repeats, args.warmup, args.target_ms / 1e3)
             base = med["fp32"]
-            cells = " ".join(f"{med[c] * 1e3:>12.3f} ({med[c] / base:>6.1f}x)" for c in cols)
+            cells = " ".join(f"{med[c] * 1e3:>12.3f} ({med[c] / base:>6.1f}x)" if c in med else f"{'n/a':>22}"
+                             for c in cols)
             print(f"{f'{k}x{n}':>17} {b:>5} {base * 1e3:>9.3f} {cells}", flush=True)
-            speedups = ", ".join(f"{c} {base / med[c]:.2f}x" for c in cols)
+            speedups = ", ".join(f"{c} {base / med[c]:.2f}x" for c in cols if c in med)
             print(f"{'':>17} {'':>5} {'speedup vs fp32:':>9} {speedups}", flush=True)
 
 

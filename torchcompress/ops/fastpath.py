@@ -6,7 +6,9 @@ which case the op runs the pure-PyTorch reference. ``TORCHCOMPRESS_KERNEL=refere
 * CPU: the native extension (:mod:`torchcompress.ops.native`) for 4- and 8-bit codes, and in
   :func:`gguf_linear_fast` for GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; fp32, bf16 and fp16
   activations (computed in fp32, rounded once at the end).
-* CUDA: Triton kernels (:mod:`torchcompress.ops.triton.int_linear`), imported on first CUDA call.
+* CUDA: Triton kernels (:mod:`torchcompress.ops.triton.int_linear`, and
+  :mod:`torchcompress.ops.triton.gguf_linear` for GGUF Q4_0/Q5_0/Q8_0/Q4_K/Q6_K), imported on first
+  CUDA call; GPTQ act-order goes through the int_linear kernels on sorted columns (both devices).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def gguf_linear_fast(
     x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int
 ) -> Optional[torch.Tensor]:
     """``torchcompress::gguf_linear``'s fast kernel result, or ``None`` (the reference runs)."""
+    if x.device.type == "cuda" and blocks.device == x.device and x.dtype in FLOAT_DTYPES:
+        from .triton.gguf_linear import GGUF_TRITON_TYPES, triton_gguf_linear  # imports triton; CUDA only
+
+        if int(qtype) in GGUF_TRITON_TYPES and in_features % GGUF_TRITON_TYPES[int(qtype)][0] == 0:
+            return triton_gguf_linear(x, blocks, bias, int(qtype), in_features)
+        return None
     block = GGUF_CPU_BLOCK.get(int(qtype))
     if (
         block is None

@@ -1,0 +1,174 @@
+"""Triton dequant-matmul for ``torchcompress::gguf_linear``: ggml blocks Q4_0, Q5_0, Q8_0 (32 weights)
+and Q4_K, Q6_K (256-weight super-blocks), read straight from the row bytes.
+
+Same two kernels as :mod:`.int_linear` (a split-K GEMV for decode, a ``tl.dot`` tile for prefill);
+only the weight tile differs: :func:`_gguf_tile` decodes each weight ``(n, k)`` from its block
+``k // block`` of row ``n`` (fp16 ``d`` assembled from two bytes; the codes, 6-bit sub-block
+scales and mins as ggml lays them out, see kernels/cpu/gguf_linear.h). Autotuned on CUDA with the
+same Ampere/Hopper configurations; one small configuration under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .int_linear import GEMV_MAX_M, _GEMV_CONFIGS, _TILED_CONFIGS, _interpreting, _split_k
+
+# GGMLType value -> (weights, bytes) per block
+GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
+
+
+@triton.jit
+def _u8(ptr, off, mask):
+    return tl.load(ptr + off, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _f16(ptr, off, mask):
+    h = _u8(ptr, off, mask) | (_u8(ptr, off + 1, mask) << 8)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _gguf_tile(b_ptr, offs_n, offs_k, N, K_lim, row_bytes, QTYPE: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) fp32 weights; 0 outside rows < N, columns < K_lim."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K_lim)
+    row = offs_n[:, None].to(tl.int64) * row_bytes
+    if QTYPE == 12 or QTYPE == 14:
+        j = (offs_k % 256)[None, :]
+        if QTYPE == 12:  # Q4_K: d | dmin | scales[12] | qs[128]
+            base = row + (offs_k // 256)[None, :] * 144
+            s = j // 32
+            lo4 = s < 4
+            a = _u8(b_ptr, base + 4 + s, mask)  # scales[s]
+            b = _u8(b_ptr, base + 8 + s, mask)  # scales[s + 4]
+            c = _u8(b_ptr, base + tl.where(lo4, 4, s), mask)  # scales[s - 4] for s >= 4
+            sc = tl.where(lo4, a & 63, (b & 15) | ((c >> 6) << 4))
+            mn = tl.where(lo4, b & 63, (b >> 4) | ((a >> 6) << 4))
+            byte = _u8(b_ptr, base + 16 + 32 * (j // 64) + j % 32, mask)
+            q = (byte >> (4 * (s % 2))) & 15
+            d = _f16(b_ptr, base, mask)
+            dmin = _f16(b_ptr, base + 2, mask)
+            w = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        else:  # Q6_K: ql[128] | qh[64] | scales:i8[16] | d
+            base = row + (offs_k // 256)[None, :] * 210
+            h = j // 128
+            kq = (j // 32) % 4
+            l = j % 32
+            lb = _u8(b_ptr, base + 64 * h + l + 32 * (kq % 2), mask)
+            hb = _u8(b_ptr, base + 128 + 32 * h + l, mask)
+            q = (((lb >> (4 * (kq // 2))) & 15) | (((hb >> (2 * kq)) & 3) << 4)) - 32
+            sc = _u8(b_ptr, base + 192 + j // 16, mask)
+            sc = sc - ((sc & 128) << 1)  # int8
+            d = _f16(b_ptr, base + 208, mask)
+            w = (d * sc.to(tl.float32)) * q.to(tl.float32)
+    else:
+        j = (offs_k % 32)[None, :]
+        if QTYPE == 8:  # Q8_0: d | qs:i8[32]
+            base = row + (offs_k // 32)[None, :] * 34
+            q = _u8(b_ptr, base + 2 + j, mask)
+            q = q - ((q & 128) << 1)
+        elif QTYPE == 2:  # Q4_0: d | qs[16], w = d * (q - 8)
+            base = row + (offs_k // 32)[None, :] * 18
+            q = ((_u8(b_ptr, base + 2 + j % 16, mask) >> (4 * (j // 16))) & 15) - 8
+        else:  # Q5_0: d | qh:u32 | qs[16], w = d * (q - 16)
+            base = row + (offs_k // 32)[None, :] * 22
+            hi = (_u8(b_ptr, base + 2 + j // 8, mask) >> (j % 8)) & 1
+            q = (((_u8(b_ptr, base + 6 + j % 16, mask) >> (4 * (j // 16))) & 15) | (hi << 4)) - 16
+        w = _f16(b_ptr, base, mask) * q.to(tl.float32)
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, b_ptr, out_ptr, N, K, row_bytes, stride_xm, stride_om, SPLIT_K,
+                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per
+    k_end = tl.minimum(k_start + k_per, K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w = _gguf_tile(b_ptr, offs_n, offs_k, N, k_end, row_bytes, QTYPE)
+        xv = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)
+        acc += tl.sum(w * xv[None, :], axis=1)
+    tl.atomic_add(out_ptr + m * stride_om + offs_n, acc, mask=offs_n < N)
+
+
+@triton.jit
+def _tiled_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om,
+                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _gguf_tile(b_ptr, offs_n, offs_k, N, K, row_bytes, QTYPE)
+        if IEEE:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        elif UPCAST:  # the interpreter's half tl.dot is wrong (see int_linear.py): same products in fp32
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w).to(xt.dtype).to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w).to(xt.dtype))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_tiled_tuned = triton.autotune(configs=_TILED_CONFIGS, key=["M", "N", "K", "QTYPE", "IEEE"])(_tiled_kernel)
+_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE"],
+                              reset_to_zero=["out_ptr"])(_gemv_kernel)
+
+
+def triton_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int,
+                       in_features: int, path: str = "auto") -> torch.Tensor:
+    """``x @ dequant(blocks)^T + bias`` with the Triton kernels; ``path`` is auto, gemv or tiled."""
+    qtype = int(qtype)
+    if qtype not in GGUF_TRITON_TYPES:
+        raise ValueError(f"triton_gguf_linear: no Triton kernel for ggml type {qtype}")
+    k, n = in_features, blocks.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    blocks = blocks.contiguous()
+    interp = _interpreting()
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
+        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+        if interp:
+            split = _split_k(triton.cdiv(n, 16), m, k, x.device)
+            _gemv_kernel[(triton.cdiv(n, 16), split, m)](x2, blocks, out, n, k, blocks.shape[1], x2.stride(0),
+                                                         out.stride(0), split, QTYPE=qtype, BLOCK_N=16, BLOCK_K=32)
+        else:
+            split = _split_k(triton.cdiv(n, 64), m, k, x.device)
+            grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), split, m)  # noqa: E731
+            _gemv_tuned[grid](x2, blocks, out, n, k, blocks.shape[1], x2.stride(0), out.stride(0), split, QTYPE=qtype)
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    bp = bias if bias is not None else out
+    args = (x2, blocks, bp, out, m, n, k, blocks.shape[1], x2.stride(0), out.stride(0))
+    meta = dict(QTYPE=qtype, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interp)
+    if interp:
+        _tiled_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 16))](*args, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, **meta)
+    else:
+        grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
+        _tiled_tuned[grid](*args, **meta)
+    return out.reshape(*x.shape[:-1], n)
