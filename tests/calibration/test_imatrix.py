@@ -87,3 +87,31 @@ def test_export_uses_imatrix_for_weighted_types_only(tiny, tmp_path):
     w = model.model.layers[1].mlp.down_proj.weight
     want = gguf_blocks.quantize(w, b.types["blk.1.ffn_down.weight"], importance=imat["model.layers.1.mlp.down_proj"])
     assert torch.equal(gb.tensor_bytes("blk.1.ffn_down.weight").reshape(want.shape), want)
+
+
+def test_gguf_stage_with_imatrix(tiny):
+    if gguf_blocks._native_op() is None:
+        pytest.skip("importance-weighted quantization needs the native kernels")
+    import copy
+
+    from torchcompress.errors import ConfigError
+    from torchcompress.nn.gguf_linear import GGUFLinear
+    from torchcompress.quant.gguf import quantize_gguf_
+    from torchcompress.quant.gguf_config import GGUFConfig
+
+    model, _ = tiny
+    calib = _calib(model.config.vocab_size)
+    cfg = GGUFConfig(qtype="Q4_K_M", imatrix=True)
+    assert cfg.needs_calibration and not GGUFConfig().needs_calibration
+    with pytest.raises(ConfigError, match="imatrix"):
+        GGUFConfig(imatrix="yes")
+    with pytest.raises(ConfigError, match="calibration data"):
+        quantize_gguf_(copy.deepcopy(model), cfg)
+    imat = compute_imatrix(model, calib, process_output=True)
+    q = quantize_gguf_(copy.deepcopy(model), cfg, calib=calib)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        mod, lin = q.get_submodule(name), model.get_submodule(name)
+        assert isinstance(mod, GGUFLinear)
+        want = gguf_blocks.quantize(lin.weight, mod.qtype, importance=imat[name])
+        assert torch.equal(mod.blocks, want), name
+        assert not torch.equal(mod.blocks, gguf_blocks.quantize(lin.weight, mod.qtype)), name

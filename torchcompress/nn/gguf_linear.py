@@ -26,9 +26,11 @@ class GGUFLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qtype: GGMLType, name: str = "weight") -> "GGUFLinear":
+    def from_linear(cls, linear: nn.Linear, qtype: GGMLType, name: str = "weight",
+                    importance: torch.Tensor | None = None) -> "GGUFLinear":
+        """``importance``: optional (in_features,) imatrix column weights (see ``gguf_blocks.quantize``)."""
         mod = cls(linear.in_features, linear.out_features, qtype, linear.bias is not None, device="meta")
-        mod.blocks = quantize(linear.weight.detach(), qtype, name=name)
+        mod.blocks = quantize(linear.weight.detach(), qtype, name=name, importance=importance)
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach().clone())
         return mod

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 import torch.nn as nn
 
+from ..errors import ConfigError
 from ..formats.gguf_mix import MixOptions, TypePlanner, parse_file_type
 from ..nn.gguf_linear import GGUFLinear
 from ..primitives.gguf_common import GGMLType
@@ -50,7 +51,13 @@ def quantize_gguf_(
     targets: Iterable = (nn.Linear,),
     ignore: Iterable = ("re:.*embed.*",),
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
+    calib=None,
 ) -> nn.Module:
+    """Replace the chosen ``nn.Linear`` layers by ``GGUFLinear`` with llama.cpp's per-tensor types.
+
+    With ``config.imatrix``, ``calib`` (a CalibrationSet) gives every layer's imatrix first (one
+    float forward pass over it) and types with a weighted quantizer use it.
+    """
     if ignore is None:  # a recipe stage without `ignore:` means the verb's default
         ignore = ("re:.*embed.*",)
     chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear]
@@ -60,11 +67,21 @@ def quantize_gguf_(
     planner = TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output), n_layer, tied=False)
     # llama.cpp counts attn_v tensors in layer order; visit in that order
     chosen.sort(key=lambda nm: (int(m.group(1)) if (m := _LAYER_RE.search(nm[0])) else -1, nm[0]))
+    imat: dict = {}
+    if getattr(config, "imatrix", False):
+        if calib is None:
+            raise ConfigError("imatrix", "the gguf stage's imatrix needs calibration data (--calib)")
+        from ..calibration.imatrix import compute_imatrix
+        from ..primitives.gguf_blocks import IMATRIX_TYPES
+
+        names = {n for n, _ in chosen}
+        imat = compute_imatrix(model, calib, include=names.__contains__, process_output=True)
     for name, linear in chosen:
         qt = planner.choose(gguf_name(name), tuple(linear.weight.shape))
         if qt in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             continue  # left in float (leave_output, or rows that fit no block)
-        new = GGUFLinear.from_linear(linear, qt, name=f"{name}.weight")
+        imp = imat.get(name) if imat and qt in IMATRIX_TYPES else None
+        new = GGUFLinear.from_linear(linear, qt, name=f"{name}.weight", importance=imp)
         set_submodule(model, name, new)
         if on_module is not None:
             on_module(name, linear, new)

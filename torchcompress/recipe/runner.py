@@ -122,7 +122,8 @@ _RUNNERS[GPTQConfig] = _run_gptq
 def _run_gguf(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
     from ..quant.gguf import quantize_gguf_
 
-    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=_record_quant(stage, records))
+    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=_record_quant(stage, records),
+                   calib=calib_data)
 
 
 from ..config import GGUFConfig  # noqa: E402
