@@ -300,6 +300,10 @@ def cmd_export(args) -> int:
     from .models import DEFAULT, default_gguf_path, load_model
 
     ft = parse_file_type(args.qtype)  # a bad --qtype fails before the model loads
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", args.tokenizer_pre):  # llama.cpp's names: lowercase words, - and _
+        raise InputError(f"--tokenizer-pre {args.tokenizer_pre!r}: not a llama.cpp pre-tokenizer name (e.g. default, llama3, gpt2)")
     if not str(args.out).endswith(".gguf"):
         raise InputError(f"--out {args.out}: must be a .gguf file name")
     _check_outputs(args, "--out")

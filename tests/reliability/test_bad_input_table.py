@@ -31,7 +31,10 @@ def ctx(tiny_model_dir, tmp_path):
     bad_yaml.write_text("stages: [\n")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81" * 64)
-    return {"model": str(tiny_model_dir), "tmp": str(tmp_path), "blocker": str(blocker), "text": str(text),
+    bad_run = tmp_path / "bad-run"
+    bad_run.mkdir()
+    (bad_run / "run.json").write_text("{ not json")
+    return {"bad_run": str(bad_run), "model": str(tiny_model_dir), "tmp": str(tmp_path), "blocker": str(blocker), "text": str(text),
             "bad_yaml": str(bad_yaml), "binary": str(binary)}
 
 
@@ -90,6 +93,7 @@ CLI_ROWS = [
     (C + " --json {blocker}/sub/r.json", "a-file"),
     (C + " --report {blocker}/sub/report", "a-file"),
     (C + " --offload-dir {blocker}/sub/off", "a-file"),
+    ("compress --model {model} --recipe w8-rtn --out {bad_run} --resume", "run record"),
     (G.replace("--calib-samples 2", "--calib-samples 0"), "--calib-samples"),
     (G.replace("{text}", "{binary}"), "binary.txt"),
     # eval
@@ -114,6 +118,7 @@ CLI_ROWS = [
     ("export --model {tmp}/missing --format gguf --out {tmp}/m.gguf", "missing"),
     (X + " --imatrix {tmp}/missing.safetensors", "missing.safetensors"),
     (X + " --imatrix-samples 0", "--imatrix-samples"),
+    (X + " --tokenizer-pre bad/name", "--tokenizer-pre"),
     ("export --model {model} --format gptq --out {tmp}/g", "quantized"),
     ("export --model {model} --format compressed-tensors --out {tmp}/g.gguf", "--out"),
     # recipe check
@@ -128,6 +133,36 @@ def test_cli_bad_value(ctx, capsys, line, fragment):
     argv = [a.format(**ctx) for a in line.split()]
     rc, err = run_cli(argv, capsys)
     assert_bad_input(rc, err, fragment.format(**ctx))
+
+
+VALUELESS = {"-h", "--help", "-v", "--verbose", "--pure", "--leave-output"}  # switches: nothing to get wrong
+
+
+def test_every_flag_has_a_row():
+    """A new flag without a row in CLI_ROWS fails here: add one line above."""
+    import argparse
+
+    from torchcompress.cli import build_parser
+
+    flags = set()
+
+    def walk(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    walk(sub)
+            else:
+                flags.update(o for o in a.option_strings)
+
+    walk(build_parser())
+    # a row is about a flag when the flag is in its own part of the line (beyond the shared prefixes
+    # C, G, E, X) or in its expected fragment (rows that leave a required flag out)
+    about = set()
+    for line, fragment in CLI_ROWS:
+        own = line.replace(C, "").replace(G, "").replace(E, "").replace(X, "")
+        about |= {t for t in own.split() + fragment.split() if t.startswith("-")}
+    missing = sorted(flags - VALUELESS - about)
+    assert not missing, f"flags without a bad-value row: {missing}"
 
 
 def test_unwritable_outputs_fail_before_any_work(ctx, capsys):
