@@ -23,7 +23,11 @@ import torch
 import torchcompress as tc
 from torchcompress.calibration import CalibrationConfig, build_calibration
 from torchcompress.distill import Distiller, KDConfig, TrainSettings
-from torchcompress.distill.progressive import ProgressiveStage, make_student, progressive_distill
+from torchcompress.distill.progressive import (
+    ProgressiveStage,
+    make_student,
+    progressive_distill,
+)
 from torchcompress.distill.self_distill import EMATeacher
 from torchcompress.eval.perplexity import evaluate, make_windows
 from torchcompress.models import load_model

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from torchcompress.distill import KDConfig, hidden_state_loss, kd_loss, shift_for_causal_lm
+from torchcompress.distill import (
+    KDConfig,
+    hidden_state_loss,
+    kd_loss,
+    shift_for_causal_lm,
+)
 from torchcompress.errors import ConfigError, InputError
 
 

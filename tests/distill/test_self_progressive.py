@@ -3,7 +3,12 @@ import torch
 
 from tests.tiny import tiny_config
 from torchcompress.distill import Distiller, KDConfig, TrainSettings
-from torchcompress.distill.progressive import ProgressiveStage, make_student, progressive_distill, resolve_keep
+from torchcompress.distill.progressive import (
+    ProgressiveStage,
+    make_student,
+    progressive_distill,
+    resolve_keep,
+)
 from torchcompress.distill.self_distill import CheckpointEnsemble, EMATeacher
 from torchcompress.errors import ConfigError
 from torchcompress.training.loop import BatchSchedule, train

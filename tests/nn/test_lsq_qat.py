@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import torchcompress as tc
 from torchcompress.config import QATConfig, QuantScheme

@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import KDConfig
 from .losses import hidden_state_loss, kd_loss, shift_for_causal_lm

@@ -16,10 +16,10 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from ..errors import ConfigError, InputError
 from .config import KDConfig, TrainSettings
@@ -116,7 +116,7 @@ def progressive_distill(model: nn.Module, stages, data, *, on_stage: Callable | 
         log.info("progressive stage %d: %d -> %d layers, T=%s, %d steps", i, n_t, n_s, st.kd.temperature, st.train.steps)
         distiller = Distiller(teacher, st.kd)
         sched = BatchSchedule(data.input_ids, data.attention_mask, st.train.batch_size, st.train.seed)
-        losses = train(student, sched, lambda m, ids, mask: distiller.loss(m, ids, mask), st.train)
+        losses = train(student, sched, lambda m, ids, mask, d=distiller: d.loss(m, ids, mask), st.train)
         history.append(losses)
         if on_stage is not None:
             on_stage(i, student, losses)

@@ -16,7 +16,7 @@ import copy
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..errors import ConfigError
 

@@ -15,9 +15,9 @@ reloads them into the prepared model and training continues on the same loss cur
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-import torch.nn as nn
+from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..api import freeze_, quantize_

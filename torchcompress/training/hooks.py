@@ -8,9 +8,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-import torch.nn as nn
+from torch import nn
 
 from ..api import freeze_, quantize_
 from ..config import QATConfig

@@ -9,7 +9,7 @@ import copy
 import logging
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..api import freeze_, quantize_
 from ..config import QATConfig
@@ -42,7 +42,7 @@ def run_qat(model: nn.Module, stage, records: list, calib_data) -> None:
               ignore=stage.ignore, on_module=lambda name, old, new: replaced.append((name, old, new)))
     if teacher is not None:
         d = Distiller(teacher, cfg.kd())
-        loss_fn = lambda m, ids, mask: d.loss(m, ids, mask)  # noqa: E731
+        loss_fn = lambda m, ids, mask: d.loss(m, ids, mask)
     else:
         loss_fn = causal_lm_loss
     with torch.enable_grad():
@@ -74,8 +74,7 @@ def run_distill(model: nn.Module, stage, records: list, calib_data) -> None:
     if cfg.teacher == "copy":
         teacher = copy.deepcopy(model).eval()
     if cfg.keep is not None:
-        prefix, layers = _layer_stack(model)
-        n_before = len(layers)
+        n_before = len(_layer_stack(model)[1])
         kept = drop_layers_(model, cfg.keep)
         log.info("stage %s: student keeps %d of %d layers: %s", stage.name, len(kept), n_before, list(kept))
     if cfg.teacher == "ema":
