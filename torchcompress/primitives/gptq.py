@@ -95,6 +95,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     name: str = "weight",
+    fused: bool | None = None,
 ) -> GPTQResult:
     """Quantize ``w`` (N, K) with the Hessian ``h`` (K, K) of its inputs.
 
@@ -102,6 +103,9 @@ def gptq_quantize(
     (``static_groups=False``) the groups then follow that order and ``g_idx`` records them.
     ``static_groups`` fixes every group's scale from the unquantized weight before any update, so
     ``g_idx`` stays ``arange(K) // group_size`` even with act-order.
+    ``fused``: run each block's column loop as one Triton kernel (ops/triton/gptq_block.py) where
+    the block's quantization parameters are known at its start (fixed parameters, or dynamic groups
+    whose starts are block starts); default: on CUDA when Triton is installed. Same results.
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise NumericError(name, f"GPTQ needs W (N, K) and H (K, K); got {tuple(w.shape)} and {tuple(h.shape)}")
@@ -142,12 +146,29 @@ def gptq_quantize(
     g_idx = torch.empty(k, dtype=torch.int32)
     ch = _channel(scheme)
     cur_s = cur_z = None
+    if fused is None:
+        fused = W.is_cuda and _has_triton()
+    # the fused kernel needs every block's parameters at its start: dynamic groups must start on blocks
+    fused = fused and (fixed is not None or gs % block_size == 0)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()  # (N, B) columns of this block, updated in place
         E1 = torch.zeros_like(W1)
         Q1 = torch.empty(n, i2 - i1, dtype=torch.uint8)
         U1 = U[i1:i2, i1:i2]
+        if fused:
+            if fixed is None and i1 % gs == 0:  # a new dynamic group starts with this block
+                cur_s, cur_z, _ = compute_qparams(W[:, i1:i1 + gs], ch)
+                scale[:, i1 // gs:i1 // gs + 1] = cur_s
+                if zero is not None:
+                    zero[:, i1 // gs:i1 // gs + 1] = cur_z
+            s_cols, z_cols = _block_qparams(fixed, gran, perm[i1:i2], gs, cur_s, cur_z, n)
+            from ..ops.triton.gptq_block import triton_gptq_block
+
+            Q1, E1 = triton_gptq_block(W1, U1, s_cols, z_cols, scheme.bits)
+            codes[:, perm[i1:i2]] = Q1.to(codes.device)
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             col = i1 + i  # position in quantization order
             orig = int(perm[col])
@@ -184,6 +205,27 @@ def gptq_quantize(
     else:  # dynamic groups: by position in the quantization order
         g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
     return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits)
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _block_qparams(fixed, gran, cols: torch.Tensor, gs: int, cur_s, cur_z, n: int):
+    """Per-column scales and zero points (N, B) fp32 of a block's columns ``cols`` (original order)."""
+    if fixed is not None:
+        scale, zero = fixed
+        if gran is Granularity.GROUP:
+            grp = cols // gs
+            return scale.float()[:, grp], None if zero is None else zero.float()[:, grp]
+        s = scale.float().expand(n, 1)
+        return s.expand(n, cols.numel()), None if zero is None else zero.float().expand(n, 1).expand(n, cols.numel())
+    b = cols.numel()
+    return cur_s.float().expand(n, b), None if cur_z is None else cur_z.float().expand(n, b)
 
 
 def _rtn_fallback(w: torch.Tensor, scheme: QuantScheme, dead: int) -> GPTQResult:

@@ -15,7 +15,7 @@ scaled errors ``E1`` (the lazy update of later blocks, ``W[:, i2:] -= E1 @ U[i1:
 a matmul). :func:`gptq_block_reference` is the same loop in PyTorch, written with the RTN
 functions the GPTQ implementation uses.
 
-Not yet called by ``primitives/gptq.py`` (see the kernels issue note).
+Called by ``primitives/gptq.py`` (``gptq_quantize(fused=...)``, on by default on CUDA).
 """
 
 from __future__ import annotations
