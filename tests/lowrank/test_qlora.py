@@ -15,7 +15,7 @@ from torchcompress.lowrank import LoRAConfig
 from torchcompress.lowrank.lora import lora_modules, lora_parameters, merge_lora_
 from torchcompress.nn.lora_linear import LoRALinear
 
-pytestmark = pytest.mark.hf
+pytestmark = [pytest.mark.hf, pytest.mark.slow]  # ~40 s on a quiet 2-core machine, minutes when loaded
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
