@@ -107,14 +107,15 @@ def main() -> None:
 
         def on_stage(i, student, losses):
             per_stage.append({"layers": student.config.num_hidden_layers, "ppl": ppl(student, windows),
-                              "loss_first10": sum(losses[:10]) / 10, "loss_last10": sum(losses[-10:]) / 10})
+                              "loss_first10": sum(losses[:10]) / len(losses[:10]),
+                              "loss_last10": sum(losses[-10:]) / len(losses[-10:])})
             logging.info("stage %d: %s", i, per_stage[-1])
 
         _, hist = progressive_distill(model, stages, calib, on_stage=on_stage)
         losses = [x for h in hist for x in h]
         res["stages"] = per_stage
-    res["loss_first10"] = sum(losses[:10]) / 10
-    res["loss_last10"] = sum(losses[-10:]) / 10
+    res["loss_first10"] = sum(losses[:10]) / len(losses[:10])  # mean of the first (up to) 10 steps
+    res["loss_last10"] = sum(losses[-10:]) / len(losses[-10:])
     res["seconds"] = round(time.time() - t0, 1)
     res["threads"] = torch.get_num_threads()
     print(json.dumps(res, indent=1))
