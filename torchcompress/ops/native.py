@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -83,18 +84,45 @@ def build(verbose: bool = False):
     build_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.cpp_extension import load
 
+    with _build_lock(build_dir):
+        try:
+            return load(
+                name=name,
+                sources=[str(s) for s in sources],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
+        except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError with the log
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NativeUnavailable(f"building the extension in {build_dir} failed: {first}") from e
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One build per directory at a time, without torch's stale-lock hang.
+
+    torch's ``load`` guards a build with a ``lock`` file that it removes when done; a build killed
+    midway leaves it behind and every later ``load`` waits for it forever. Ours is an advisory
+    ``flock`` that the kernel releases when its holder dies: while we hold it no other process of
+    ours is building here, so a ``lock`` file found then is stale and is removed.
+    """
     try:
-        return load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
-    except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError with the log
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NativeUnavailable(f"building the extension in {build_dir} failed: {first}") from e
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        yield
+        return
+    with open(build_dir / ".build.flock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # waits only for a live builder
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing a stale build lock left by a killed build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=None)
