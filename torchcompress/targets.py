@@ -66,9 +66,11 @@ def select_modules(
     """
     t = _compile(targets, "targets")
     i = _compile(ignore, "ignore")
+    # wrappers name children that compression must leave alone (a LoRALinear's adapters stay float)
+    keep = {id(getattr(m, c)) for m in model.modules() for c in getattr(m, "compression_skip", ())}
     # remove_duplicate=False: a module registered under two names is yielded under each
     for name, module in model.named_modules(remove_duplicate=False):
-        if name and _matches(name, module, t) and not _matches(name, module, i):
+        if name and id(module) not in keep and _matches(name, module, t) and not _matches(name, module, i):
             yield name, module
 
 

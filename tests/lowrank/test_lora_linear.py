@@ -152,3 +152,20 @@ def test_add_lora_on_a_plain_module_and_config_errors():
                       ({"use_rslora": 1}, "use_rslora"), ({"targets": ()}, "targets"), ({"init": "x"}, "init")]:
         with pytest.raises(ConfigError, match=field):
             tc.LoRAConfig(**kw)
+
+
+def test_quantizing_after_add_lora_keeps_adapters_float():
+    # lora then rtn: the base layers are quantized, the adapters stay nn.Linear (PEFT/QLoRA layout)
+    import torchcompress as tc
+    from torchcompress.lowrank import LoRAConfig
+    from torchcompress.nn.lora_linear import LoRALinear
+    from torchcompress.nn.quant_linear import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    tc.add_lora_(model, LoRAConfig(targets=("0", "2"), r=4))
+    tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=4, group_size=32)), ignore=())
+    for i in (0, 2):
+        assert isinstance(model[i], LoRALinear) and isinstance(model[i].base_layer, QuantLinear)
+        assert type(model[i].lora_A) is nn.Linear and type(model[i].lora_B) is nn.Linear
+    assert model(torch.randn(3, 64)).shape == (3, 32)

@@ -97,6 +97,9 @@ class LoRALinear(nn.Module):
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         nn.init.zeros_(self.lora_B.weight)
 
+    # compression transforms (RTN, GPTQ, GGUF, pruning) may replace base_layer but never the adapters
+    compression_skip = ("lora_A", "lora_B")
+
     # the base's tensors, for code that looks at ``module.weight`` (dtype/device checks)
     @property
     def weight(self):
