@@ -35,15 +35,15 @@ MODULE_KINDS["GPTQLinear"] = (GPTQLinear, gptq_linear_manifest, gptq_linear_from
 from ..nn.gguf_linear import GGUFLinear, gguf_linear_from_manifest, gguf_linear_manifest  # noqa: E402
 
 MODULE_KINDS["GGUFLinear"] = (GGUFLinear, gguf_linear_manifest, gguf_linear_from_manifest)
+from ..nn.pruned_linear import PrunedLinear, pruned_linear_from_manifest, pruned_linear_manifest  # noqa: E402
+
+MODULE_KINDS["PrunedLinear"] = (PrunedLinear, pruned_linear_manifest, pruned_linear_from_manifest)
 from ..nn.lowrank_linear import LowRankLinear, lowrank_linear_from_manifest, lowrank_linear_manifest  # noqa: E402
 
 MODULE_KINDS["LowRankLinear"] = (LowRankLinear, lowrank_linear_manifest, lowrank_linear_from_manifest)
 from ..nn.lora_linear import LoRALinear, lora_linear_from_manifest, lora_linear_manifest  # noqa: E402
 
 MODULE_KINDS["LoRALinear"] = (LoRALinear, lora_linear_manifest, lora_linear_from_manifest)
-from ..nn.pruned_linear import PrunedLinear, pruned_linear_from_manifest, pruned_linear_manifest  # noqa: E402
-
-MODULE_KINDS["PrunedLinear"] = (PrunedLinear, pruned_linear_manifest, pruned_linear_from_manifest)
 
 
 def build_manifest(model: nn.Module) -> dict:
