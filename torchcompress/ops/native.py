@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -125,9 +126,21 @@ def _build_lock(build_dir: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def load_native():
-    """The extension module, or ``None`` after one warning (per process) saying why."""
+    """The extension module, or ``None`` after one warning (per process) saying why.
+
+    Thread-safe: threads racing on the first call wait for one build/import and share its result.
+    """
+    with _LOAD_LOCK:
+        return _load_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_once():
     try:
         from .. import _C  # type: ignore[attr-defined]  # built at install time
 
