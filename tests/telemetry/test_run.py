@@ -135,3 +135,17 @@ def test_off_is_a_null_context(monkeypatch):
     assert run_mod.for_run(parse_recipe(RECIPE)) is run_mod.OFF
     report = compress(_model(), parse_recipe(RECIPE))
     assert len(report.layers) == 3
+
+
+def test_run_span_names_the_calibration_data(otel):
+    from torchcompress.calibration import CalibrationSet
+
+    ids = torch.arange(24).reshape(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    calib = CalibrationSet(ids, mask, [{"source": "notes.txt", "description": "x", "samples": 2, "weight": 1.0}])
+    compress(_model(), parse_recipe(RECIPE), calib)
+    (run,) = _by_name(otel.spans())[N.SPAN_RUN]
+    a = run.attributes
+    assert tuple(a[N.CALIB_SOURCES]) == ("notes.txt",) and a[N.CALIB_SAMPLES] == 2 and a[N.CALIB_SEQ_LEN] == 12
+    assert a[N.CALIB_TOKENS] == 20 and a[N.CALIB_SHA256] == calib.sha256()

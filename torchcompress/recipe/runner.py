@@ -159,7 +159,7 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
     report = Report(recipe=recipe.name, size_bytes_before=model_bytes(model), size_bytes_after=0,
                     bytes_by_type_before=bytes_by_module_type(model))
     tel = for_run(recipe)  # OpenTelemetry spans compress > stage > layer (from the LayerRecords) + metrics; no-op when off
-    with tel.run(report):
+    with tel.run(report, calib_data):
         for i, stage in enumerate(recipe.stages):
             runner = _RUNNERS[type(stage.config)]
             start = time.perf_counter()

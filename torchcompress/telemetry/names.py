@@ -17,6 +17,11 @@ SPAN_EVAL = "torchcompress.eval"  # perplexity / KL evaluation
 # attributes
 COMMAND = "torchcompress.command"
 RECIPE = "torchcompress.recipe.name"
+CALIB_SOURCES = "torchcompress.calibration.sources"
+CALIB_SAMPLES = "torchcompress.calibration.samples"
+CALIB_SEQ_LEN = "torchcompress.calibration.seq_len"
+CALIB_TOKENS = "torchcompress.calibration.tokens"
+CALIB_SHA256 = "torchcompress.calibration.sha256"
 STAGE = "torchcompress.stage.name"
 TECHNIQUE = "torchcompress.technique"  # the stage kind: rtn, gptq, gguf, ...
 STAGE_INDEX = "torchcompress.stage.index"

@@ -94,6 +94,15 @@ def stage_attributes(recipe: str, index: int, stage) -> dict:
     return attrs
 
 
+def calibration_attributes(calib) -> dict:
+    """Which calibration data the run used (a CalibrationSet's describe()), or nothing."""
+    if calib is None or not hasattr(calib, "describe"):
+        return {}
+    d = calib.describe()
+    return {N.CALIB_SOURCES: [str(s["source"]) for s in d["sources"]], N.CALIB_SAMPLES: d["samples"],
+            N.CALIB_SEQ_LEN: d["seq_len"], N.CALIB_TOKENS: d["tokens"], N.CALIB_SHA256: d["sha256"]}
+
+
 def layer_attributes(rec) -> dict:
     attrs = {N.MODULE: rec.module, N.STAGE: rec.stage, N.TECHNIQUE: rec.kind, N.PARAMS: rec.params,
              N.BYTES_BEFORE: rec.bytes_before, N.BYTES_AFTER: rec.bytes_after,
@@ -135,7 +144,7 @@ class _Records(list):
 class _Off:
     """Telemetry off: context managers that do nothing (no OpenTelemetry import)."""
 
-    def run(self, report):
+    def run(self, report, calib=None):
         return contextlib.nullcontext()
 
     def stage(self, index, stage, records):
@@ -152,8 +161,8 @@ class RunTelemetry:
         self.m = Instruments(meter_provider)
 
     @contextlib.contextmanager
-    def run(self, report):
-        attrs = {N.RECIPE: self.recipe.name, N.STAGE_COUNT: len(self.recipe.stages)}
+    def run(self, report, calib=None):
+        attrs = {N.RECIPE: self.recipe.name, N.STAGE_COUNT: len(self.recipe.stages), **calibration_attributes(calib)}
         t0, err = time.perf_counter(), None
         with self.tracer.start_as_current_span(N.SPAN_RUN, attributes=attrs) as span:
             try:
