@@ -10,7 +10,7 @@ from .api import freeze_, quantize_
 from .config import Granularity, QATConfig, QuantScheme, RTNConfig
 from .errors import ConfigError, FormatError, InputError, NumericError, RecipeError, TorchCompressError
 from .nn import QuantLinear
-from .api import add_lora_, lowrank_  # noqa: E402  (low-rank, issue #8)
+from .api import add_lora_, lowrank_, prune_  # noqa: E402  (low-rank #8, pruning #6)
 from .lowrank import LoRAConfig, SVDConfig  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,5 +34,5 @@ __all__ = [
     "ConfigError", "FormatError", "Granularity", "InputError", "NumericError", "QATConfig", "QuantLinear",
     "QuantScheme", "RTNConfig", "RecipeError", "TorchCompressError", "freeze_", "load_compressed",
     "quantize_", "save_compressed",
-    "LoRAConfig", "SVDConfig", "add_lora_", "lowrank_",
+    "LoRAConfig", "SVDConfig", "add_lora_", "lowrank_", "prune_",
 ]

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .config import QATConfig, QuantScheme, RTNConfig
 from .errors import ConfigError
+from .nn.pruned_linear import PrunedLinear
 from .nn.quant_linear import QuantLinear
 from .targets import select_modules, set_submodule
 
@@ -58,7 +59,9 @@ def quantize_(
     if fn is None:
         raise ConfigError("config", f"quantize_ does not handle {type(config).__name__}")
     ignore = DEFAULT_IGNORE if ignore is None else ignore
-    chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear]
+    # a pruned layer is quantized with its mask folded in: a zero weight stays exactly zero after
+    # quantization (code 0 symmetric, the integer zero point asymmetric), so the sparsity survives
+    chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) in (nn.Linear, PrunedLinear)]
     if not chosen:
         log.warning("quantize_: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
     done: dict[int, nn.Module] = {}  # a Linear shared under several names gets one replacement
@@ -66,7 +69,8 @@ def quantize_(
         new = done.get(id(linear))
         fresh = new is None
         if fresh:
-            new = done[id(linear)] = fn(linear, config, name)
+            src = linear.make_permanent() if isinstance(linear, PrunedLinear) else linear
+            new = done[id(linear)] = fn(src, config, name)
         set_submodule(model, name, new)
         if fresh and on_module is not None:
             on_module(name, linear, new)
