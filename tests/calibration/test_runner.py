@@ -153,3 +153,23 @@ def test_killed_run_resumes_bit_identical_and_refuses_changes(setup, tmp_path):
         changed.model.layers[1].mlp.down_proj.weight.mul_(1.01)
     with pytest.raises(InputError, match="refusing to resume"):
         gptq_model(changed, cfg, calib, state_dir=state)
+
+
+def test_gptq_loss_reaches_the_report(setup):
+    from torchcompress.recipe import compress, parse_recipe
+    from torchcompress.telemetry import names as N
+    from torchcompress.telemetry.run import layer_attributes
+
+    ref, calib, _ = setup
+    recipe = parse_recipe("name: g\nstages:\n  - kind: gptq\n    name: w4\n"
+                          "    scheme: {bits: 4, group_size: 32, symmetric: false}\n")
+    model = copy.deepcopy(ref)
+    seen = {}
+    gptq_model(copy.deepcopy(ref), GPTQConfig(QuantScheme(bits=4, group_size=32, symmetric=False)), calib,
+               on_loss=seen.__setitem__)
+    report = compress(model, recipe, calib)
+    assert len(report.layers) == len(seen) == 14
+    for rec in report.layers:
+        assert rec.gptq_loss is not None and rec.gptq_loss > 0
+        assert rec.gptq_loss == pytest.approx(seen[rec.module], rel=1e-9)  # same data, same result
+        assert layer_attributes(rec)[N.GPTQ_LOSS] == rec.gptq_loss

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..config import GPTQConfig
 from ..errors import ConfigError, InputError
 from ..nn.gptq_linear import module_from_gptq
-from ..primitives.gptq import gptq_quantize
+from ..primitives.gptq import gptq_quantize, layer_error
 from ..targets import select_modules
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ def gptq_model(
     batch_size: int = 8,
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    on_loss: Callable[[str, float], None] | None = None,
     state_dir=None,
     offload_dir=None,
 ) -> nn.Module:
@@ -173,6 +174,8 @@ def gptq_model(
 
     With ``state_dir``, every finished block is recorded there (:mod:`.resume`) and a later call with
     the same model, data and config continues after the last finished block, bit-identically.
+    ``on_loss(name, loss)`` gets each layer's output error on the calibration data,
+    ``trace((W - W_hat) H (W - W_hat)^T)``, just before ``on_module`` for that layer.
     With ``offload_dir``, the block inputs of all calibration batches are kept on disk there (one
     batch in memory at a time; :mod:`.offload`) instead of in CPU memory; the result is identical.
     """
@@ -240,6 +243,9 @@ def gptq_model(
                                         "fell back to round-to-nearest", bprefix, n)
                         new = module_from_gptq(lin, res, cfg.scheme).to(dev)
                         set_submodule(model, bprefix + n, new)
+                        if on_loss is not None:
+                            on_loss(bprefix + n, layer_error(new.dequantize(torch.float32).cpu(),
+                                                             lin.weight.detach().float().cpu(), hess[rep_of[n]]))
                         if on_module is not None:
                             on_module(bprefix + n, lin, new)
             # the next block's inputs: this block's outputs with its quantized weights

@@ -36,6 +36,9 @@ class LayerRecord:
     sqnr_db: float | None = None  # weight SQNR, float vs compressed
     mse: float | None = None
     bits_per_weight: float | None = None
+    # GPTQ: trace((W - W_hat) H (W - W_hat)^T) with H = 2 X^T X / tokens, the layer's output error
+    # on the calibration data (what GPTQ minimises)
+    gptq_loss: float | None = None
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _tensor_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values())
 
 
-def _record_quant(stage: Stage, records: list) -> Callable:
+def _record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -> Callable:
     def on_module(name: str, old: nn.Module, new: nn.Module) -> None:
         w = old.weight.detach()
         rec = LayerRecord(stage.name, name, stage.kind, w.numel(), _tensor_bytes(old), _tensor_bytes(new))
@@ -92,6 +95,8 @@ def _record_quant(stage: Stage, records: list) -> Callable:
             rec.sqnr_db = sqnr(w, w_hat)
             rec.mse = mse(w, w_hat)
             rec.bits_per_weight = new.weight_bits() / w.numel()
+        if gptq_losses is not None:
+            rec.gptq_loss = gptq_losses.pop(name, None)
         records.append(rec)
 
     return on_module
@@ -109,8 +114,10 @@ def _run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None
     from ..calibration.runner import gptq_model
 
     state = getattr(calib_data, "state_dir", None)
+    losses: dict = {}  # filled just before each on_module call, so the record (and its span) carries it
     gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
-               on_module=_record_quant(stage, records), state_dir=None if state is None else f"{state}/{stage.name}",
+               on_module=_record_quant(stage, records, losses), on_loss=losses.__setitem__,
+               state_dir=None if state is None else f"{state}/{stage.name}",
                offload_dir=getattr(calib_data, "offload_dir", None))
 
 

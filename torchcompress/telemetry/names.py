@@ -35,6 +35,7 @@ BYTES_AFTER = "torchcompress.bytes.after"
 RATIO = "torchcompress.compression.ratio"
 SQNR = "torchcompress.error.sqnr"  # dB, weight SQNR float vs compressed
 MSE = "torchcompress.error.mse"
+GPTQ_LOSS = "torchcompress.error.gptq_loss"  # trace((W - W_hat) H (W - W_hat)^T) on the calibration data
 GPTQ_LOSS = "torchcompress.gptq.loss"
 BITS_PER_WEIGHT = "torchcompress.quant.bits_per_weight"
 QUANT = "torchcompress.quant"  # + .bits .group_size .granularity .symmetric .scale_dtype

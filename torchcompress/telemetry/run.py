@@ -107,7 +107,8 @@ def layer_attributes(rec) -> dict:
     attrs = {N.MODULE: rec.module, N.STAGE: rec.stage, N.TECHNIQUE: rec.kind, N.PARAMS: rec.params,
              N.BYTES_BEFORE: rec.bytes_before, N.BYTES_AFTER: rec.bytes_after,
              N.RATIO: rec.bytes_before / max(rec.bytes_after, 1)}
-    for key, value in ((N.SQNR, rec.sqnr_db), (N.MSE, rec.mse), (N.BITS_PER_WEIGHT, rec.bits_per_weight)):
+    for key, value in ((N.SQNR, rec.sqnr_db), (N.MSE, rec.mse), (N.BITS_PER_WEIGHT, rec.bits_per_weight),
+                       (N.GPTQ_LOSS, getattr(rec, "gptq_loss", None))):
         if value is not None:
             attrs[key] = float(value)
     return attrs
