@@ -80,3 +80,13 @@ def test_limits_are_validated(kw, field):
         SignalConfig("otlp", "http://x", "thrift")
     with pytest.raises(ConfigError, match="endpoint"):
         SignalConfig("otlp")
+
+
+def test_otlp_timeout_variable_is_milliseconds():
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    assert TelemetryConfig.from_env(env).timeout == 2.0  # our bounded default
+    assert TelemetryConfig.from_env({**env, "OTEL_EXPORTER_OTLP_TIMEOUT": "500"}).timeout == 0.5
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TIMEOUT"):
+        TelemetryConfig.from_env({**env, "OTEL_EXPORTER_OTLP_TIMEOUT": "soon"})
+    with pytest.raises(ConfigError, match="timeout"):
+        TelemetryConfig.from_env({**env, "OTEL_EXPORTER_OTLP_TIMEOUT": "0"})

@@ -86,6 +86,9 @@ class TelemetryConfig:
         interval = env.get("OTEL_METRIC_EXPORT_INTERVAL")  # milliseconds, as the spec says
         if interval:
             kw["export_interval"] = _number(interval, "OTEL_METRIC_EXPORT_INTERVAL") / 1000
+        timeout = env.get("OTEL_EXPORTER_OTLP_TIMEOUT")  # milliseconds; unset: our 2 s (the spec's 10 s is
+        if timeout:                                       # too long to wait on a dead collector at exit)
+            kw["timeout"] = _number(timeout, "OTEL_EXPORTER_OTLP_TIMEOUT") / 1000
         kw.update(overrides)
         return cls(**kw)
 
