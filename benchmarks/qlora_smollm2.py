@@ -4,7 +4,8 @@ Base ``w4``: every decoder Linear RTN-quantized to 4 bits (asymmetric, group 64)
 ``float``: the float model frozen (plain LoRA, for the memory comparison). LoRA r=16, alpha=32 on
 q/k/v/o/gate/up/down. Training text: license texts other than the GPL-3 used for perplexity
 elsewhere (Apache-2.0, MPL-2.0, MPL-1.1), cut into 256-token windows; every 8th window is held out.
-Peak memory is the process's max RSS (run each base in its own process)::
+Peak memory is the process's max RSS, overall and during training only (Linux VmHWM reset before
+the first step; run each base in its own process)::
 
     HF_HUB_OFFLINE=1 python benchmarks/qlora_smollm2.py --base w4 --steps 30 --out qlora.jsonl
 """
@@ -37,6 +38,24 @@ def _loss(model, ids, bs=4) -> float:
     return total / ids.shape[0]
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: reset the process's peak RSS (VmHWM) so later readings cover only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mib() -> float | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", choices=("w4", "float"), default="w4")
@@ -66,6 +85,10 @@ def main(argv=None) -> int:
     before = _loss(model, test)
     opt = torch.optim.AdamW(params, lr=a.lr)
     g = torch.Generator().manual_seed(0)
+    import gc
+
+    gc.collect()
+    train_peak = _reset_peak_rss()  # the training peak, without the float load the w4 base started from
     t0, curve = time.perf_counter(), []
     model.train()
     for step in range(a.steps):
@@ -84,6 +107,7 @@ def main(argv=None) -> int:
            "train_loss_curve": curve, "adapter_params": sum(x.numel() for x in params),
            "model_bytes": model_bytes(model), "float_model_bytes": float_bytes,
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "train_peak_rss_mib": _vm_hwm_mib() if train_peak else None,
            "train_seconds": round(train_s, 1), "threads": torch.get_num_threads()}
     print(json.dumps(row), flush=True)
     if a.out:
