@@ -4,8 +4,8 @@ Base ``w4``: every decoder Linear RTN-quantized to 4 bits (asymmetric, group 64)
 ``float``: the float model frozen (plain LoRA, for the memory comparison). LoRA r=16, alpha=32 on
 q/k/v/o/gate/up/down. Training text: license texts other than the GPL-3 used for perplexity
 elsewhere (Apache-2.0, MPL-2.0, MPL-1.1), cut into 256-token windows; every 8th window is held out.
-Peak memory is the process's max RSS, overall and during training only (Linux VmHWM reset before
-the first step; run each base in its own process)::
+Peak memory is the process's max RSS (run each base in its own process; for QLoRA's memory, load a
+saved W4 model with ``--base-dir`` so the float weights are never in memory)::
 
     HF_HUB_OFFLINE=1 python benchmarks/qlora_smollm2.py --base w4 --steps 30 --out qlora.jsonl
 """
@@ -38,27 +38,11 @@ def _loss(model, ids, bs=4) -> float:
     return total / ids.shape[0]
 
 
-def _reset_peak_rss() -> bool:
-    """Linux: reset the process's peak RSS (VmHWM) so later readings cover only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vm_hwm_mib() -> float | None:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", choices=("w4", "float"), default="w4")
+    p.add_argument("--base-dir", help="w4: load this saved `compress` output (W4 g64 asym) instead of quantizing "
+                   "the float model here, so the float weights never occupy memory (for peak RSS)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=4)
@@ -68,7 +52,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    lm = load_model("default")
+    lm = load_model(a.base_dir if a.base == "w4" and a.base_dir else "default")
     model, tok = lm.model.eval(), lm.tokenizer
     text = "\n\n".join(open(t, encoding="utf-8").read() for t in TEXTS)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -76,8 +60,8 @@ def main(argv=None) -> int:
     windows = ids[: n * a.seq_len].view(n, a.seq_len)
     held = torch.arange(n) % 8 == 7
     train, test = windows[~held], windows[held]
-    float_bytes = model_bytes(model)
-    if a.base == "w4":
+    float_bytes = model_bytes(model) if not a.base_dir else None
+    if a.base == "w4" and not a.base_dir:
         quantize_(model, QuantScheme(bits=4, group_size=64, symmetric=False))
     torch.manual_seed(0)
     add_lora_(model, LoRAConfig(targets=ALL, r=16, alpha=32))
@@ -85,10 +69,6 @@ def main(argv=None) -> int:
     before = _loss(model, test)
     opt = torch.optim.AdamW(params, lr=a.lr)
     g = torch.Generator().manual_seed(0)
-    import gc
-
-    gc.collect()
-    train_peak = _reset_peak_rss()  # the training peak, without the float load the w4 base started from
     t0, curve = time.perf_counter(), []
     model.train()
     for step in range(a.steps):
@@ -107,7 +87,6 @@ def main(argv=None) -> int:
            "train_loss_curve": curve, "adapter_params": sum(x.numel() for x in params),
            "model_bytes": model_bytes(model), "float_model_bytes": float_bytes,
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "train_peak_rss_mib": _vm_hwm_mib() if train_peak else None,
            "train_seconds": round(train_s, 1), "threads": torch.get_num_threads()}
     print(json.dumps(row), flush=True)
     if a.out:
