@@ -130,6 +130,19 @@ class _HessianHooks:
         return h * (2.0 / max(float(t), 1.0))
 
 
+def accumulate_hessians(block: nn.Module, inputs: BlockInputs, hooks: _HessianHooks, dev) -> None:
+    """Run every calibration batch through ``block`` so ``hooks`` sum their Hessians; removes the hooks."""
+    try:
+        for i in range(len(inputs.hidden)):
+            hooks.mask = inputs.masks[i].bool()
+            try:
+                _run_block(block, inputs, i, dev)
+            except _Stop:
+                pass  # the hooks stopped the block after the last linear they need
+    finally:
+        hooks.remove()
+
+
 def _linear_groups(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, dev) -> list[list[str]]:
     """Linears in execution order, grouped by shared input (q/k/v read the same tensor)."""
     order, seen, alive = [], {}, []
@@ -223,15 +236,7 @@ def gptq_model(
                     # linears reading the same input (q/k/v, gate/up) share one Hessian
                     reps = [sub[0] for sub in shared if sub[0] in group]
                     hooks = _HessianHooks({n: linears[n] for n in reps}, stop_after=last_of(group) if cfg.true_sequential else None)
-                    try:
-                        for i in range(len(inputs.hidden)):
-                            hooks.mask = inputs.masks[i].bool()
-                            try:
-                                _run_block(block, inputs, i, dev)
-                            except _Stop:
-                                pass
-                    finally:
-                        hooks.remove()
+                    accumulate_hessians(block, inputs, hooks, dev)
                     hess = {r: hooks.finalize(r) for r in reps}
                     for n in group:
                         lin = linears[n]

@@ -17,7 +17,7 @@ from ..calibration.runner import (
     _HessianHooks,
     _linear_groups,
     _run_block,
-    _Stop,
+    accumulate_hessians,
     capture_first_inputs,
     decoder_blocks,
 )
@@ -90,15 +90,7 @@ def _blocks(model, cfg, blocks, prefix, chosen, inputs, dev, state, on_module, o
             shared = _linear_groups(block, linears, inputs, dev)
             reps = [sub[0] for sub in shared]
             hooks = _HessianHooks({r: linears[r] for r in reps})
-            try:
-                for i in range(len(inputs.hidden)):
-                    hooks.mask = inputs.masks[i].bool()
-                    try:
-                        _run_block(block, inputs, i, dev)
-                    except _Stop:
-                        pass
-            finally:
-                hooks.remove()
+            accumulate_hessians(block, inputs, hooks, dev)
             for sub in shared:
                 hsum, tokens = hooks.h[sub[0]], hooks.tokens[sub[0]]
                 for n in sub:
