@@ -155,7 +155,9 @@ class GPTQConfig:
     update; ``act_order``: quantize columns by decreasing Hessian diagonal (groups follow, ``g_idx``);
     ``static_groups``: group scales from the float weight (sequential ``g_idx`` even with act-order);
     ``true_sequential``: quantize a block's linears in execution order, each seeing the quantized
-    outputs of the ones before.
+    outputs of the ones before; ``mse``: each group's range is the shrink of its min/max that
+    minimises ``sum |w_hat - w|^2.4`` (the GPTQ reference quantizer's ``mse`` option) instead of the
+    full min/max.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -164,6 +166,7 @@ class GPTQConfig:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    mse: bool = False
     needs_calibration: ClassVar[bool] = True  # the CLI builds calibration data for such stages
 
     def __post_init__(self):
@@ -173,7 +176,7 @@ class GPTQConfig:
             raise ConfigError("block_size", f"must be a positive integer, got {self.block_size}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp <= 10:
             raise ConfigError("damp", f"must be a number in [0, 10] (fraction of the mean Hessian diagonal), got {self.damp!r}")
-        for name in ("act_order", "static_groups", "true_sequential"):
+        for name in ("act_order", "static_groups", "true_sequential", "mse"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
 

@@ -242,7 +242,7 @@ def gptq_model(
                         lin = linears[n]
                         res = gptq_quantize(lin.weight.detach().cpu(), hess[rep_of[n]], cfg.scheme,
                                             block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
-                                            static_groups=cfg.static_groups, name=f"{bprefix}{n}.weight")
+                                            static_groups=cfg.static_groups, mse=cfg.mse, name=f"{bprefix}{n}.weight")
                         if res.fallback:
                             log.warning("%s%s: Hessian not positive definite even with 1000x damping; "
                                         "fell back to round-to-nearest", bprefix, n)

@@ -19,7 +19,7 @@ import torch
 
 from ..config import Granularity, QuantScheme
 from ..errors import NumericError
-from .affine import compute_qparams, dequantize_affine, effective_group_size, num_groups, quantize_with_qparams
+from .affine import compute_qparams, dequantize_affine, search_qparams, effective_group_size, num_groups, quantize_with_qparams
 
 DAMP_RETRIES = (10.0, 100.0, 1000.0)  # after the requested damping fails: these multiples of max(damp, 1%)
 
@@ -96,6 +96,7 @@ def gptq_quantize(
     static_groups: bool = False,
     name: str = "weight",
     fused: bool | None = None,
+    mse: bool = False,
 ) -> GPTQResult:
     """Quantize ``w`` (N, K) with the Hessian ``h`` (K, K) of its inputs.
 
@@ -106,6 +107,9 @@ def gptq_quantize(
     ``fused``: run each block's column loop as one Triton kernel (ops/triton/gptq_block.py) where
     the block's quantization parameters are known at its start (fixed parameters, or dynamic groups
     whose starts are block starts); default: on CUDA when Triton is installed. Same results.
+    ``mse``: every scale (and zero point) comes from :func:`~.affine.search_qparams` (the range
+    shrink that minimises the group's ``|w_hat - w|^2.4``, the reference quantizer's ``mse`` option)
+    instead of the plain min/max of :func:`~.affine.compute_qparams`.
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise NumericError(name, f"GPTQ needs W (N, K) and H (K, K); got {tuple(w.shape)} and {tuple(h.shape)}")
@@ -122,11 +126,12 @@ def gptq_quantize(
     W[:, dead] = 0.0
 
     # parameters known up front: per-tensor, per-channel, or static groups (from the float weight)
+    qparams = search_qparams if mse else compute_qparams
     fixed = None
     if gran is not Granularity.GROUP:
-        fixed = compute_qparams(W, scheme)[:2]
+        fixed = qparams(W, scheme)[:2]
     elif static_groups:
-        fixed = compute_qparams(W, scheme)[:2]  # (N, G) in original column order
+        fixed = qparams(W, scheme)[:2]  # (N, G) in original column order
 
     perm = torch.arange(k)
     if act_order:
@@ -158,7 +163,7 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         if fused:
             if fixed is None and i1 % gs == 0:  # a new dynamic group starts with this block
-                cur_s, cur_z, _ = compute_qparams(W[:, i1:i1 + gs], ch)
+                cur_s, cur_z, _ = qparams(W[:, i1:i1 + gs], ch)
                 scale[:, i1 // gs:i1 // gs + 1] = cur_s
                 if zero is not None:
                     zero[:, i1 // gs:i1 // gs + 1] = cur_z
@@ -184,7 +189,7 @@ def gptq_quantize(
                 grp = col // gs
                 if col % gs == 0:  # a new dynamic group: scale from its columns as updated so far
                     span = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
-                    cur_s, cur_z, _ = compute_qparams(span, ch)
+                    cur_s, cur_z, _ = qparams(span, ch)
                     scale[:, grp:grp + 1] = cur_s
                     if zero is not None:
                         zero[:, grp:grp + 1] = cur_z
