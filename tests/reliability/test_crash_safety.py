@@ -238,7 +238,7 @@ def test_cli_disk_full_is_exit_2_one_line(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
+def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path, monkeypatch):
     """`compress` with a GPTQ recipe, SIGKILLed after its first finished decoder block, then rerun with
     --resume: continues from OUT.state and writes the same bytes as an uninterrupted run."""
     import json
@@ -258,6 +258,9 @@ def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
     text.write_text(TINY_TEXT * 4)
     common = ["--model", str(model_dir), "--recipe", "w4-gptq-g128", "--calib", str(text), "--calib-samples", "8",
               "--seq-len", "64"]
+    # the same kernels as the killed and resumed runs below: the quantized blocks' forwards feed the next
+    # block's Hessian, and native and reference matmuls may round differently
+    monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "reference")
     assert main(["compress", *common, "--out", str(tmp_path / "ref")]) == 0
     reference = canonical(tmp_path / "ref" / WEIGHTS_NAME)
 
