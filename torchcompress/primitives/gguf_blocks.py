@@ -86,14 +86,17 @@ def quantize(
     qtype = GGMLType(qtype)
     if x.numel() == 0:
         raise NumericError(name, "is empty")
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    # one contiguous float32 copy (a no-op for contiguous float32 input); every check and kernel
+    # reads that, never a strided view (a strided sum alone costs more than the quantizer)
+    x = x.detach().reshape(-1, k).to(torch.float32).contiguous()
     # a finite sum means no NaN/Inf (either would propagate); only a non-finite (or overflowing)
     # sum pays for the elementwise check, which costs more than the native quantizer itself
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise NumericError(name, "contains NaN or Inf; refusing to quantize")
-    lead, k = tuple(x.shape[:-1]), x.shape[-1]
     if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         dt = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[qtype]
-        return x.detach().to(torch.float32).to(dt).contiguous().view(torch.uint8).reshape(*lead, -1)
+        return x.to(dt).view(torch.uint8).reshape(*lead, -1)
     if qtype not in _QUANT:
         raise ConfigError("qtype", f"cannot quantize to {qtype.name}")
     if not can_quantize(qtype, k):
@@ -104,14 +107,14 @@ def quantize(
         importance = _check_importance(importance, qtype, k, name)
     op = _native_op()
     if op is not None:
-        out = op(x.detach().reshape(-1, k).to(torch.float32).contiguous(), int(qtype), importance)
+        out = op(x, int(qtype), importance)
     elif importance is not None:
         raise ConfigError(
             "importance", f"{name}: importance-weighted (imatrix) quantization needs the native CPU kernels "
             "(torchcompress.ops.native: a C++ compiler and ninja), and TORCHCOMPRESS_KERNEL must not be 'reference'"
         )
     else:
-        out = _QUANT[qtype](x.reshape(-1, k))
+        out = _QUANT[qtype](x)
     return out.reshape(*lead, row_bytes(qtype, k))
 
 
