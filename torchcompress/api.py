@@ -39,6 +39,17 @@ def _qat(linear: nn.Linear, cfg: QATConfig, name: str) -> nn.Module:
 _TRANSFORMS: dict[type, Callable] = {RTNConfig: _rtn, QATConfig: _qat}
 
 
+def _gguf_qat(linear: nn.Linear, cfg, name: str) -> nn.Module:  # QAT with a GGUF block type (issue #7)
+    from .training.gguf_qat import gguf_qat_module
+
+    return gguf_qat_module(linear, cfg, name)
+
+
+from .training.config import GGUFQATConfig  # noqa: E402
+
+_TRANSFORMS[GGUFQATConfig] = _gguf_qat
+
+
 def quantize_(
     model: nn.Module,
     config: RTNConfig | QATConfig | QuantScheme,
@@ -78,10 +89,15 @@ def quantize_(
 
 
 def freeze_(model: nn.Module) -> nn.Module:
-    """Pack every fake-quant :class:`QuantLinear` (after QAT), in place."""
+    """Pack every fake-quant :class:`QuantLinear` (after QAT), in place; GGUF fake-quant layers
+    (``GGUFQATConfig``) are replaced by their :class:`GGUFLinear`."""
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             m.freeze(name=f"{name}.weight")
+    import sys
+
+    if "torchcompress.nn.gguf_qat" in sys.modules:  # GGUFQATLinear -> GGUFLinear (GGUF-type QAT)
+        sys.modules["torchcompress.nn.gguf_qat"].freeze_gguf_qat_(model)
     return model
 
 

@@ -8,6 +8,9 @@ Example recipe stages::
       scheme: {bits: 3, group_size: 128, symmetric: false}
       steps: 200
       lr: 1.0e-5
+    - kind: qat                      # the same with a GGUF block type: freezes to GGUFLinear (llama.cpp's bytes)
+      qtype: Q4_0
+      steps: 200
     - kind: distill                  # drop every other decoder layer, distil from the model before
       keep: every_other
       steps: 200
@@ -22,6 +25,40 @@ from typing import ClassVar
 from ..config import QuantScheme
 from ..distill.config import KDConfig, TrainSettings
 from ..errors import ConfigError
+from ..primitives.gguf_common import GGMLType
+
+# GGUF block types QAT can fake-quantize: every type primitives/gguf_blocks.py quantizes (Q8_1 is
+# ggml's activation format, not a weight type llama.cpp stores, so it is left out)
+GGUF_QAT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _check_gguf_type(value, field_name: str = "qtype") -> str:
+    if not isinstance(value, str) or value.strip().upper() not in GGUF_QAT_TYPES:
+        raise ConfigError(field_name, f"must be a GGUF block type, one of {', '.join(GGUF_QAT_TYPES)}; got {value!r}")
+    return value.strip().upper()
+
+
+@dataclass(frozen=True)
+class GGUFQATConfig:
+    """Prepare Linear layers for QAT with a GGUF block type as the fake quantizer (``quantize_``).
+
+    Each layer trains a float master weight whose forward is ``dequantize(quantize(w, t))`` with our
+    bit-exact ggml block functions (straight-through gradient, see ``nn/gguf_qat.py``);
+    :func:`torchcompress.freeze_` turns it into the :class:`GGUFLinear` that ``quantize_gguf_`` with
+    ``GGUFConfig(<t>, pure=True)`` would make from the trained weight, byte for byte. ``t`` is
+    ``qtype`` unless the layer's rows are not a multiple of its block (K-quants need 256): then
+    llama.cpp's fallback (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0); a row
+    that fits no block at all stays a float ``nn.Linear`` (as quantize_gguf_ leaves it F16/F32).
+    """
+
+    qtype: str = "Q4_0"
+
+    def __post_init__(self):
+        object.__setattr__(self, "qtype", _check_gguf_type(self.qtype))
+
+    @property
+    def ggml_type(self) -> GGMLType:
+        return GGMLType[self.qtype]
 
 _TEACHERS_QAT = ("float", "none")
 _TEACHERS_DISTILL = ("copy", "ema")
@@ -35,12 +72,16 @@ def _settings(c) -> TrainSettings:
 class QATTrainConfig:
     """Quantization-aware training stage: prepare (fake-quant), train ``steps`` steps, pack (``freeze``).
 
+    ``qtype`` (a GGUF block type, e.g. Q4_0, Q4_K): fake-quantize with that ggml block format instead
+    of ``scheme`` and freeze to GGUFLinear (see :class:`GGUFQATConfig`); give one of the two.
+
     ``teacher: float``: KD loss against a frozen copy of the model as it was before the stage
     (``temperature``, ``hard_weight`` for the label CE next to it); ``none``: plain next-token CE.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
     learnable_scale: bool = False
+    qtype: str | None = None
     teacher: str = "float"
     temperature: float = 1.0
     hard_weight: float = 0.0
@@ -60,6 +101,13 @@ class QATTrainConfig:
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.teacher not in _TEACHERS_QAT:
             raise ConfigError("teacher", f"must be one of {', '.join(_TEACHERS_QAT)}, got {self.teacher!r}")
+        if self.qtype is not None:
+            object.__setattr__(self, "qtype", _check_gguf_type(self.qtype))
+            if self.scheme != QuantScheme():
+                raise ConfigError("scheme", "give either scheme (integer groups) or qtype (a GGUF block type), not both")
+            if self.learnable_scale:
+                raise ConfigError("learnable_scale", "learned step sizes are for integer schemes; GGUF block scales "
+                                  "are recomputed from the weights in every forward")
         _settings(self)
         self.kd()
 
@@ -70,6 +118,14 @@ class QATTrainConfig:
 
     def settings(self) -> TrainSettings:
         return _settings(self)
+
+    def prepare_config(self):
+        """The ``quantize_`` config this stage prepares the model with."""
+        from ..config import QATConfig
+
+        if self.qtype is not None:
+            return GGUFQATConfig(self.qtype)
+        return QATConfig(self.scheme, learnable_scale=self.learnable_scale)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ..api import freeze_, quantize_
-from ..config import QATConfig
 from ..errors import InputError
 from .loop import BatchSchedule, causal_lm_loss, train
 
@@ -38,8 +37,9 @@ def run_qat(model: nn.Module, stage, records: list, calib_data) -> None:
     data = _data(calib_data, cfg, stage)
     teacher = copy.deepcopy(model).eval() if cfg.teacher == "float" else None
     replaced: list = []
-    quantize_(model, QATConfig(cfg.scheme, learnable_scale=cfg.learnable_scale), targets=stage.targets,
-              ignore=stage.ignore, on_module=lambda name, old, new: replaced.append((name, old, new)))
+    quantize_(model, cfg.prepare_config(), targets=stage.targets, ignore=stage.ignore,
+              on_module=lambda name, old, new: replaced.append((name, old, new) if new is not old else None))
+    replaced = [r for r in replaced if r is not None]  # (GGUF: rows that fit no block stay float)
     if teacher is not None:
         d = Distiller(teacher, cfg.kd())
         loss_fn = lambda m, ids, mask: d.loss(m, ids, mask)
@@ -51,6 +51,8 @@ def run_qat(model: nn.Module, stage, records: list, calib_data) -> None:
     if cfg.freeze:
         freeze_(model)
     for name, old, new in replaced:
+        if cfg.freeze and cfg.qtype is not None:
+            new = model.get_submodule(name)  # the GGUFLinear that replaced the fake-quant layer
         w = old.weight.detach()
         rec = LayerRecord(stage.name, name, stage.kind, w.numel(), _tensor_bytes(old), _tensor_bytes(new))
         if new.is_packed:
