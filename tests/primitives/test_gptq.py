@@ -237,3 +237,25 @@ def test_gptq_mse_lowers_layer_error_at_3_bits(act_order):
     assert e_mse < e_plain
     # g_idx and stored params still describe the codes exactly
     torch.testing.assert_close(mse.dequantize(), dequantize_with_g_idx(mse.codes, mse.scale, mse.zero, mse.g_idx, 3))
+
+
+@pytest.mark.parametrize("sym,act_order,static", [(True, False, False), (False, True, False), (False, True, True),
+                                                  (True, True, False)])
+def test_mask_keeps_pruned_weights_exactly_zero(sym, act_order, static):
+    from torchcompress.primitives.sparsity import nm_mask
+    w, x, h = _problem()
+    keep = nm_mask(w.abs(), 2, 4)  # 2:4 along K
+    scheme = QuantScheme(bits=4, group_size=64, symmetric=sym)
+    res = gptq_quantize(w, h, scheme, act_order=act_order, static_groups=static, block_size=64, mask=keep)
+    wq = res.dequantize()
+    assert bool((wq[~keep] == 0).all())  # every pruned weight is exactly 0 after quantization
+    assert bool((wq.reshape(-1, 4) != 0).sum(1).le(2).all())  # the 2:4 pattern holds in every group
+    # GPTQ with the mask beats RTN of the pruned weight (measured 0.68-0.76x here)
+    rtn = fake_quantize(w * keep, scheme)
+    assert _out_err(wq, w * keep, x) < 0.9 * _out_err(rtn, w * keep, x)
+
+
+def test_mask_bad_shape_is_named():
+    w, _, h = _problem()
+    with pytest.raises(NumericError, match="layer.w"):
+        gptq_quantize(w, h, QuantScheme(bits=4, group_size=64), mask=torch.ones(3, 3, dtype=torch.bool), name="layer.w")

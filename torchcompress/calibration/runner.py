@@ -203,7 +203,10 @@ def gptq_model(
     ignore = DEFAULT_IGNORE if ignore is None else ignore
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
-    chosen = {n: m for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear}
+    from ..nn.pruned_linear import PrunedLinear
+
+    # pruned layers too: their masks are kept through quantization (gptq_quantize's ``mask``)
+    chosen = {n: m for n, m in select_modules(model, targets, ignore) if type(m) in (nn.Linear, PrunedLinear)}
     dev = next(model.parameters()).device
     state = None
     if state_dir is not None:
@@ -242,7 +245,8 @@ def gptq_model(
                         lin = linears[n]
                         res = gptq_quantize(lin.weight.detach().cpu(), hess[rep_of[n]], cfg.scheme,
                                             block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
-                                            static_groups=cfg.static_groups, mse=cfg.mse, name=f"{bprefix}{n}.weight")
+                                            static_groups=cfg.static_groups, mse=cfg.mse, name=f"{bprefix}{n}.weight",
+                                            mask=lin.mask.cpu() if isinstance(lin, PrunedLinear) else None)
                         if res.fallback:
                             log.warning("%s%s: Hessian not positive definite even with 1000x damping; "
                                         "fell back to round-to-nearest", bprefix, n)

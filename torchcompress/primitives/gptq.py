@@ -97,6 +97,7 @@ def gptq_quantize(
     name: str = "weight",
     fused: bool | None = None,
     mse: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``w`` (N, K) with the Hessian ``h`` (K, K) of its inputs.
 
@@ -110,6 +111,10 @@ def gptq_quantize(
     ``mse``: every scale (and zero point) comes from :func:`~.affine.search_qparams` (the range
     shrink that minimises the group's ``|w_hat - w|^2.4``, the reference quantizer's ``mse`` option)
     instead of the plain min/max of :func:`~.affine.compute_qparams`.
+    ``mask``: (N, K) bool, True where a weight is kept (a pruned layer): pruned weights get the code
+    of exactly 0 in every column, their updated values still feed the error back to later columns
+    (as SparseGPT treats pruned weights), and scales see only kept weights. The sparsity pattern
+    survives quantization exactly.
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise NumericError(name, f"GPTQ needs W (N, K) and H (K, K); got {tuple(w.shape)} and {tuple(h.shape)}")
@@ -121,6 +126,11 @@ def gptq_quantize(
     gs = effective_group_size(scheme, k) if gran is Granularity.GROUP else k
     W = w.detach().float().clone()
     H = h.detach().to(torch.float64).clone()
+    if mask is not None:
+        if mask.shape != w.shape or mask.dtype != torch.bool:
+            raise NumericError(name, f"mask must be bool {tuple(w.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.to(W.device)
+        W = W * mask
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # an input that is always 0: any weight works; make it exactly 0
     W[:, dead] = 0.0
@@ -137,6 +147,7 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+    M = None if mask is None else mask[:, perm]  # keep-mask in quantization order
 
     U, used = _inverse_cholesky(H, damp)
     if U is None:
@@ -154,7 +165,7 @@ def gptq_quantize(
     if fused is None:
         fused = W.is_cuda and _has_triton()
     # the fused kernel needs every block's parameters at its start: dynamic groups must start on blocks
-    fused = fused and (fixed is not None or gs % block_size == 0)
+    fused = fused and (fixed is not None or gs % block_size == 0) and mask is None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()  # (N, B) columns of this block, updated in place
@@ -189,6 +200,8 @@ def gptq_quantize(
                 grp = col // gs
                 if col % gs == 0:  # a new dynamic group: scale from its columns as updated so far
                     span = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    if M is not None:
+                        span = span * M[:, col:col + span.shape[1]]
                     cur_s, cur_z, _ = qparams(span, ch)
                     scale[:, grp:grp + 1] = cur_s
                     if zero is not None:
@@ -196,6 +209,9 @@ def gptq_quantize(
                 s_c, z_c = cur_s, cur_z
             wc = W1[:, i:i + 1]  # (N, 1)
             q = quantize_with_qparams(wc, s_c, z_c, scheme.bits, 1)
+            if M is not None:  # pruned: the code of exactly 0 (the zero point, or the middle code)
+                zc = z_c.to(torch.uint8) if z_c is not None else torch.full_like(q, 1 << (scheme.bits - 1))
+                q = torch.where(M[:, col:col + 1], q, zc.expand_as(q))
             Q1[:, i] = q[:, 0]
             wq = dequantize_affine(q, s_c, z_c, scheme.bits, 1)
             err = (wc - wq) / U1[i, i]  # (N, 1)
