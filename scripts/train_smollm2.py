@@ -4,6 +4,7 @@ Held-out text: /usr/share/common-licenses/GPL-3, 14 windows x 512 tokens (the pr
 perplexity). Training text: random 'pydoc' windows (calibration source; never the GPL text).
 
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py qat --steps 200 --out /tmp/qat.json
+    HF_HUB_OFFLINE=1 python scripts/train_smollm2.py gguf-qat --qtype Q4_0 --steps 60 --out /tmp/gq.json
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py student --loss kd --steps 200 --out /tmp/kd.json
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py student --loss ce --steps 200 --out /tmp/ce.json
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py student --loss ema --steps 200 --out /tmp/ema.json
@@ -31,6 +32,7 @@ from torchcompress.distill.progressive import (
 from torchcompress.distill.self_distill import EMATeacher
 from torchcompress.eval.perplexity import evaluate, make_windows
 from torchcompress.models import load_model
+from torchcompress.training.config import GGUFQATConfig
 from torchcompress.training.loop import BatchSchedule, causal_lm_loss, train
 
 GPL = "/usr/share/common-licenses/GPL-3"
@@ -42,7 +44,7 @@ def ppl(model, windows) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["qat", "student", "progressive"])
+    ap.add_argument("mode", choices=["qat", "gguf-qat", "student", "progressive"])
     ap.add_argument("--loss", choices=["kd", "ce", "ema"], default="kd", help="student mode: training loss")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=4)
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--lsq", action="store_true", help="qat: learnable step sizes")
+    ap.add_argument("--qtype", default="Q4_0", help="gguf-qat: GGUF block type (pure; rows that do not fit fall back)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--hard", type=float, default=0.0, help="hard-label CE weight next to the soft KD loss")
     ap.add_argument("--stages", type=int, default=2, help="progressive: number of halvings")
@@ -86,6 +89,23 @@ def main() -> None:
         tc.freeze_(model)
         res["qat_ppl"] = ppl(model, windows)
         res["gap_recovered"] = round((res["rtn_ppl"] - res["qat_ppl"]) / (res["rtn_ppl"] - res["float_ppl"]), 4)
+    elif a.mode == "gguf-qat":
+        # PTQ = the same prepare + freeze without training: freeze gives quantize_gguf_'s bytes (pure)
+        # for every Linear but lm_head (tied with the float embedding; neither is trained or quantized)
+        cfg = GGUFQATConfig(a.qtype)
+        res["float_ppl"] = ppl(model, windows)
+        ptq = tc.freeze_(tc.quantize_(copy.deepcopy(model), cfg))
+        res["types"] = sorted({m.qtype.name for m in ptq.modules() if hasattr(m, "blocks")})
+        res["ptq_ppl"] = ppl(ptq, windows)
+        del ptq
+        logging.info("float %.3f, PTQ %s %.3f", res["float_ppl"], a.qtype, res["ptq_ppl"])
+        teacher = copy.deepcopy(model)
+        tc.quantize_(model, cfg)
+        d = Distiller(teacher, kd)
+        losses = train(model, data, lambda m, ids, mask: d.loss(m, ids, mask), settings)
+        tc.freeze_(model)
+        res["qat_ppl"] = ppl(model, windows)
+        res["gap_recovered"] = round((res["ptq_ppl"] - res["qat_ppl"]) / (res["ptq_ppl"] - res["float_ppl"]), 4)
     elif a.mode == "student":
         student = make_student(model, "every_other")
         res["student_layers"] = student.config.num_hidden_layers
