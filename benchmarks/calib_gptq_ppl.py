@@ -23,11 +23,26 @@ p.add_argument("--samples", type=int, default=32); p.add_argument("--damp", type
 p.add_argument("--bits", type=int, default=3); p.add_argument("--group", type=int, default=64)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--mse", action="store_true", help="GPTQConfig(mse=True): clip-searched group ranges")
+p.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+               help="rtn: no calibration, round-to-nearest of every decoder linear (with --mse: clip-searched ranges)")
 p.add_argument("--heldout", default="/usr/share/common-licenses/GPL-3")
 p.add_argument("--out", default="out/calib_gptq_ppl.jsonl")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 lm = load_model("default"); tok = lm.tokenizer
+if a.method == "rtn":
+    from torchcompress.calibration.runner import decoder_blocks
+    from torchcompress.primitives.affine import compute_qparams, dequantize_affine, quantize_with_qparams, search_qparams
+    sch = QuantScheme(bits=a.bits, group_size=a.group, symmetric=False)
+    with torch.no_grad():
+        for m in decoder_blocks(lm.model).modules():
+            if isinstance(m, torch.nn.Linear):
+                s, z, gs = (search_qparams if a.mse else compute_qparams)(m.weight, sch)
+                m.weight.copy_(dequantize_affine(quantize_with_qparams(m.weight, s, z, a.bits, gs), s, z, a.bits, gs))
+    text, desc = load_text(a.heldout)
+    r = evaluate(lm.model, make_windows(tok, text, 512, 16, desc))
+    print(json.dumps(dict(vars(a), ppl=r.perplexity)))
+    raise SystemExit(0)
 t0 = time.time()
 sg = SelfGenConfig(start=a.start, temperature=a.temperature, top_p=a.top_p)
 from torchcompress.calibration.data import parse_sources
