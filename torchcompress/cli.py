@@ -292,6 +292,24 @@ def _export_quantized(args) -> int:
     return 0
 
 
+def _export_gguf_blocks(args, lm) -> int:
+    """A `compress` output whose Linears are GGUFLinear: their blocks go to the .gguf verbatim."""
+    from .formats.gguf_write_blocks import export_gguf_blocks
+
+    given = [f for f, on in (("--pure", args.pure), ("--leave-output", args.leave_output), ("--imatrix", args.imatrix)) if on]
+    if given:
+        raise InputError(f"{given[0]}: --model {args.model} holds GGUF blocks already (written as they are)")
+    t0 = time.perf_counter()
+    src = Path(args.model) if str(args.model).endswith(".gguf") else None  # keep a .gguf's tokenizer verbatim
+    res = export_gguf_blocks(lm.model, lm.tokenizer, args.out, tokenizer_from=src, tokenizer_pre=args.tokenizer_pre)
+    counts: dict[str, int] = {}
+    for t in res.types.values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    print(f"wrote {res.path} (the model's own blocks; --qtype not used; {res.file_size / 2**20:.1f} MiB, "
+          + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f") in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def cmd_export(args) -> int:
     if args.format != "gguf":
         return _export_quantized(args)
@@ -310,6 +328,10 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     lm = load_model(args.model)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
+    from .nn.gguf_linear import GGUFLinear
+
+    if any(isinstance(m, GGUFLinear) for m in lm.model.modules()):  # GGUF blocks already (kind: gguf, GGUF QAT)
+        return _export_gguf_blocks(args, lm)
     # a model that came from a .gguf keeps that file's tokenizer metadata verbatim (pre-tokenizer too)
     src = default_gguf_path() if str(args.model) == DEFAULT else Path(args.model) if str(args.model).endswith(".gguf") else None
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def export_gguf_blocks(
     alignment: int = DEFAULT_ALIGNMENT,
 ) -> ExportResult:
     """Write ``model`` (a transformers Llama with GGUFLinear layers) as a .gguf; see the module doc."""
-    from ..nn.gguf_linear import GGUFLinear
+    from ..nn.gguf_linear import GGUFEmbedding, GGUFLinear
     from .gguf_tokenizer import tokenizer_kv, tokenizer_kv_from_gguf
 
     _check_model(model)
@@ -69,8 +69,9 @@ def export_gguf_blocks(
             mod = model.get_submodule(mod_name)
         except AttributeError:
             raise InputError(f"GGUF export: the model has no {mod_name} (not a standard LlamaForCausalLM layout)") from None
-        if isinstance(mod, GGUFLinear):
-            plans.append(TensorPlan(gg, (mod.out_features, mod.in_features), mod.qtype))
+        if isinstance(mod, (GGUFLinear, GGUFEmbedding)):  # (an embedding: a model read from a quantized .gguf)
+            shape = (mod.out_features, mod.in_features) if isinstance(mod, GGUFLinear) else (mod.num_embeddings, mod.embedding_dim)
+            plans.append(TensorPlan(gg, shape, mod.qtype))
             by_name[gg] = (mod, heads)
             continue
         w = sd.get(hf)
@@ -96,7 +97,7 @@ def export_gguf_blocks(
 
     def produce(plan: TensorPlan) -> torch.Tensor:
         src, heads = by_name[plan.name]
-        if isinstance(src, GGUFLinear):
+        if isinstance(src, (GGUFLinear, GGUFEmbedding)):
             data = src.blocks.detach().cpu()
             return permute_rope(data, heads) if heads is not None else data
         w = src.detach().to(torch.float32).cpu()
