@@ -45,7 +45,7 @@ inline int64_t row_grain(int64_t K, int64_t M) {
 // Entry points defined in gguf_linear.cpp, registered by int_linear.cpp's module.
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10::optional<at::Tensor>& bias,
                        int64_t qtype, int64_t in_features, const std::string& isa_name, const std::string& path,
-                       int64_t gemv_max_batch);
+                       int64_t gemv_max_batch, int64_t panel_min_batch);
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features, const std::string& isa_name);
 
 }  // namespace tc_kernels

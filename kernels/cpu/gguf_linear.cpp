@@ -1,6 +1,8 @@
 // Host side of torchcompress::gguf_linear's native kernels: argument checks, threading, the choice
 // of instruction set and of path:
-//   gemv  - fused dequant + dot products straight from ggml's blocks (decode-sized batches);
+//   gemv  - fused dequant + dot products straight from ggml's blocks (batch 1 and a few rows);
+//   panel - a few weight rows decoded at a time into an L1 panel, multiplied into several rows of x
+//           by a register-blocked micro-kernel (small batches: 16 rows of x and the like);
 //   tiled - each thread dequantizes ~4 MB tiles of rows to fp32 and multiplies them with at::mm
 //           (prefill-sized batches, where the matmul is compute bound).
 #include <ATen/Parallel.h>
@@ -53,6 +55,21 @@ void run_gemv(const GGUFProblem& p, Isa isa) {
   });
 }
 
+// Panel path (AVX-512 and AVX2; the portable GEMV already dequantizes each row once for every row
+// of x, so it serves as the portable panel path).
+void run_panel(const GGUFProblem& p, Isa isa) {
+  if (isa == Isa::Portable) {
+    run_gemv(p, isa);
+    return;
+  }
+  const bool wide = isa == Isa::Avx512;
+  at::parallel_for(0, p.N, round_up(row_grain(p.K, p.M), 4), [&](int64_t s, int64_t e) {
+    std::vector<float> scratch(static_cast<size_t>(wide ? gguf_panel_scratch_avx512(p.M) : gguf_panel_scratch_avx2(p.M)));
+    if (wide) gguf_panel_avx512(p, s, e, scratch.data());
+    else gguf_panel_avx2(p, s, e, scratch.data());
+  });
+}
+
 // Same structure as int_linear.cpp's run_tiled: one parallel region, per-thread tiles of ~4 MB.
 void run_tiled(const GGUFProblem& p, Isa isa, const at::Tensor& x, at::Tensor& out) {
   const int64_t K = p.K, N = p.N;
@@ -81,10 +98,10 @@ void run_tiled(const GGUFProblem& p, Isa isa, const at::Tensor& x, at::Tensor& o
 
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10::optional<at::Tensor>& bias,
                        int64_t qtype, int64_t in_features, const std::string& isa_name, const std::string& path,
-                       int64_t gemv_max_batch) {
+                       int64_t gemv_max_batch, int64_t panel_min_batch) {
   const Isa isa = parse_isa(isa_name);
-  TORCH_CHECK(path == "auto" || path == "gemv" || path == "tiled", "gguf_linear: path must be auto, gemv or tiled, got '",
-              path, "'");
+  TORCH_CHECK(path == "auto" || path == "gemv" || path == "panel" || path == "tiled",
+              "gguf_linear: path must be auto, gemv, panel or tiled, got '", path, "'");
   TORCH_CHECK(x.device().is_cpu(), "torchcompress._C.gguf_linear: CPU tensors only");
   GGUFProblem p;
   at::Tensor bl = setup_blocks(p, blocks, qtype, in_features);
@@ -102,7 +119,9 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10:
   at::Tensor out = at::empty({p.M, p.N}, x2.options());
   p.out = out.data_ptr<float>();
   if (p.M > 0 && p.N > 0) {
-    if (path == "gemv" || (path == "auto" && p.M <= gemv_max_batch)) run_gemv(p, isa);
+    const bool small = p.M <= gemv_max_batch;
+    if (path == "gemv" || (path == "auto" && small && p.M < panel_min_batch)) run_gemv(p, isa);
+    else if (path == "panel" || (path == "auto" && small)) run_panel(p, isa);
     else run_tiled(p, isa, x2, out);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -77,6 +77,14 @@ void gguf_rows_portable(const GGUFProblem& p, int64_t n0, int64_t n1, float* wbu
 void gguf_rows_avx2(const GGUFProblem& p, int64_t n0, int64_t n1);
 void gguf_rows_avx512(const GGUFProblem& p, int64_t n0, int64_t n1);
 
+// Same result for several rows of x: weight rows decoded into small fp32 panels that a register-
+// blocked micro-kernel multiplies into several rows of x at once. scratch holds
+// gguf_panel_scratch_*(M) floats.
+void gguf_panel_avx512(const GGUFProblem& p, int64_t n0, int64_t n1, float* scratch);
+int64_t gguf_panel_scratch_avx512(int64_t M);
+void gguf_panel_avx2(const GGUFProblem& p, int64_t n0, int64_t n1, float* scratch);
+int64_t gguf_panel_scratch_avx2(int64_t M);
+
 // dst (n1 - n0, ldd) <- dequantized rows n0..n1 (exactly K floats per row are written).
 void gguf_dequant_portable(const GGUFProblem& p, int64_t n0, int64_t n1, float* dst, int64_t ldd);
 void gguf_dequant_avx2(const GGUFProblem& p, int64_t n0, int64_t n1, float* dst, int64_t ldd);

@@ -145,7 +145,68 @@ void rows_mb(const GGUFProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// Panel path: gguf_linear_avx512.cpp's structure on 8 lanes and 16 registers (NR * MR + NR + 1 <= 16).
+constexpr int kPanelRows = 2;
+constexpr int kPanelMR = 4;
+constexpr int64_t kPanelK = 512;
+
+template <int MR, int NR>
+inline void panel_micro(const float* w, const float* x, int64_t ldx, int64_t kc, float* acc) {
+  __m256 a[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) a[m][r] = _mm256_loadu_ps(acc + (m * NR + r) * 8);
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_ps(w + r * kPanelK + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) a[m][r] = _mm256_fmadd_ps(wv[r], xv, a[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(acc + (m * NR + r) * 8, a[m][r]);
+}
+
+template <int NR>
+void panel_rows(const GGUFProblem& p, int64_t n, float* w, float* acc) {
+  const int64_t M = p.M, K = p.K;
+  std::memset(acc, 0, sizeof(float) * static_cast<size_t>(M * NR * 8));
+  for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
+    const int64_t kc = K - k0 < kPanelK ? K - k0 : kPanelK;
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = p.blocks + (n + r) * p.row_bytes + k0 / p.block * p.block_bytes;
+      for (int64_t i = 0; i < kc / p.block; ++i) {
+        float* dst = w + r * kPanelK + i * p.block;
+        decode(p.qtype, blk + i * p.block_bytes, [&](int off, __m256 v) { _mm256_storeu_ps(dst + off, v); });
+      }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kPanelMR) {
+      const float* x = p.x + m0 * K + k0;
+      float* a = acc + m0 * NR * 8;
+      switch (M - m0 < kPanelMR ? M - m0 : kPanelMR) {
+        case 1: panel_micro<1, NR>(w, x, K, kc, a); break;
+        case 2: panel_micro<2, NR>(w, x, K, kc, a); break;
+        case 3: panel_micro<3, NR>(w, x, K, kc, a); break;
+        default: panel_micro<kPanelMR, NR>(w, x, K, kc, a); break;
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r)
+      p.out[m * p.N + n + r] = hsum(_mm256_loadu_ps(acc + (m * NR + r) * 8)) + (p.bias ? p.bias[n + r] : 0.0f);
+}
+
 }  // namespace
+
+void gguf_panel_avx2(const GGUFProblem& p, int64_t n0, int64_t n1, float* scratch) {
+  float* w = scratch;  // kPanelRows x kPanelK, then the M x kPanelRows x 8 partial sums
+  float* acc = scratch + kPanelRows * kPanelK;
+  int64_t n = n0;
+  for (; n + kPanelRows <= n1; n += kPanelRows) panel_rows<kPanelRows>(p, n, w, acc);
+  for (; n < n1; ++n) panel_rows<1>(p, n, w, acc);
+}
+
+int64_t gguf_panel_scratch_avx2(int64_t M) { return kPanelRows * kPanelK + M * kPanelRows * 8; }
 
 void gguf_rows_avx2(const GGUFProblem& p, int64_t n0, int64_t n1) {
   constexpr int64_t kRowBlock = 8;
@@ -179,6 +240,8 @@ void gguf_dequant_avx2(const GGUFProblem& p, int64_t n0, int64_t n1, float* dst,
 #else
 
 void gguf_rows_avx2(const GGUFProblem&, int64_t, int64_t) {}
+void gguf_panel_avx2(const GGUFProblem&, int64_t, int64_t, float*) {}
+int64_t gguf_panel_scratch_avx2(int64_t) { return 0; }
 void gguf_dequant_avx2(const GGUFProblem&, int64_t, int64_t, float*, int64_t) {}
 
 #endif

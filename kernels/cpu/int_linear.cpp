@@ -178,7 +178,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_features"), py::arg("isa") = "auto", py::arg("path") = "auto", py::arg("gemv_max_batch") = 32);
   m.def("gguf_linear", &tc_kernels::gguf_linear, "y = x @ dequant(GGUF blocks)^T + bias (fused GEMV / tiled GEMM)",
         py::arg("x"), py::arg("blocks"), py::arg("bias"), py::arg("qtype"), py::arg("in_features"), py::arg("isa") = "auto",
-        py::arg("path") = "auto", py::arg("gemv_max_batch") = 32);
+        py::arg("path") = "auto", py::arg("gemv_max_batch") = 32, py::arg("panel_min_batch") = 4);
   m.def("gguf_dequantize", &tc_kernels::gguf_dequantize, "GGUF blocks (N, row_bytes) -> (N, K) float32",
         py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("isa") = "auto");
   m.def("available_isas", &tc_kernels::available_isas, "instruction sets usable on this CPU, best first");

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from torchcompress.ops import native
-from torchcompress.ops.fastpath import GGUF_CPU_BLOCK, gguf_linear_fast
+from torchcompress.ops.fastpath import GGUF_CPU_BLOCK, GGUF_GEMV_MAX_BATCH, GGUF_PANEL_MIN_BATCH, gguf_linear_fast
 from torchcompress.ops.gguf_linear import dequantize_rows
 from torchcompress.primitives.gguf_blocks import quantize
 from torchcompress.primitives.gguf_common import GGMLType
@@ -51,7 +51,8 @@ def _weights(n, k, seed):
 
 
 def _shapes(qtype):
-    # (N, K, batches): 1 row, odd N, several blocks per row; batches 1..64 (GEMV passes of 8/4/1 rows and the tiled path)
+    # (N, K, batches): 1 row, odd N, several blocks per row; batches 1..64 (GEMV passes of 8/4/1 rows,
+    # panels of 4/1 weight rows and 512-weight chunks times 6..1 rows of x, and the tiled path)
     if qtype in KQUANTS:
         return [(1, 256, (1, 9)), (17, 512, (2, 17)), (40, 768, (8, 33)), (3, 256, (5, 64))]
     return [(1, 32, (1, 9)), (17, 96, (2, 17)), (40, 576, (8, 33)), (3, 160, (5, 64))]
@@ -78,7 +79,7 @@ def test_gguf_kernels_match_reference(ext, qtype, dtype):
             x = torch.randn(m, k).to(dtype)
             ref = _reference(x, blocks, bias, qtype, k)
             for isa in ext.available_isas():
-                for path in ("gemv", "tiled"):
+                for path in ("gemv", "panel", "tiled"):
                     got = ext.gguf_linear(x, blocks, bias, int(qtype), k, isa, path)
                     assert got.dtype == ref.dtype and got.shape == ref.shape
                     torch.testing.assert_close(
@@ -90,7 +91,7 @@ def test_gguf_kernels_match_reference(ext, qtype, dtype):
 def test_gguf_op_dispatch(ext, monkeypatch, qtype):
     k = 256
     blocks = quantize(torch.randn(24, k), qtype)
-    for x in (torch.randn(2, 3, k), torch.randn(64, k)):  # GEMV and tiled sizes
+    for x in (torch.randn(2, 3, k), torch.randn(16, k), torch.randn(80, k)):  # GEMV, panel and tiled sizes
         fast = gguf_linear_fast(x, blocks, None, int(qtype), k)
         assert fast is not None and fast.shape == (*x.shape[:-1], 24)
         y = torch.ops.torchcompress.gguf_linear(x, blocks, None, int(qtype), k)
@@ -103,6 +104,21 @@ def test_gguf_op_dispatch(ext, monkeypatch, qtype):
     assert int(GGMLType.Q2_K) not in GGUF_CPU_BLOCK
     q2 = quantize(torch.randn(4, 256), GGMLType.Q2_K)
     assert gguf_linear_fast(torch.randn(1, 256), q2, None, int(GGMLType.Q2_K), 256) is None
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_gguf_auto_path_crossovers(ext, qtype):
+    """path='auto' runs the GEMV below panel_min_batch rows of x, the panel kernel up to
+    gemv_max_batch, the tiled path above (each path's own result, bit for bit)."""
+    k, n = 512, 9
+    blocks = quantize(_weights(n, k, 3), qtype)
+    for m in (1, 2, 3, 4, 5, 6, 7):
+        x = torch.randn(m, k)
+        want = "gemv" if m < 3 else "panel" if m <= 5 else "tiled"
+        auto = ext.gguf_linear(x, blocks, None, int(qtype), k, "auto", "auto", 5, 3)
+        assert torch.equal(auto, ext.gguf_linear(x, blocks, None, int(qtype), k, "auto", want)), (m, want)
+    block = GGUF_CPU_BLOCK[int(qtype)]
+    assert 1 < GGUF_PANEL_MIN_BATCH[block] <= GGUF_GEMV_MAX_BATCH
 
 
 def test_gguf_bad_arguments(ext):

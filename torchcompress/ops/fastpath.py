@@ -52,7 +52,12 @@ def int_linear_fast(
 # ggml types with native CPU kernels (GGMLType values): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-weight
 # blocks) and Q4_K, Q5_K, Q6_K (256-weight super-blocks) -> weights per block
 GGUF_CPU_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
-GGUF_GEMV_MAX_BATCH = 32  # up to this many rows of x: fused GEMV; more: dequantized tiles + at::mm
+# Paths by rows of x (crossovers measured on 4096x4096 and 11008x4096, AVX-512 and one thread): the
+# fused GEMV below GGUF_PANEL_MIN_BATCH (by block size: legacy 32-weight types, K-quants), the panel
+# kernel (a few weight rows decoded into an L1 panel, register-blocked over rows of x) up to
+# GGUF_GEMV_MAX_BATCH, dequantized tiles + at::mm above.
+GGUF_PANEL_MIN_BATCH = {32: 3, 256: 4}
+GGUF_GEMV_MAX_BATCH = 64
 
 
 def gguf_linear_fast(
@@ -80,7 +85,9 @@ def gguf_linear_fast(
     ext = load_native()
     if ext is None:
         return None
-    return ext.gguf_linear(x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH)
+    return ext.gguf_linear(
+        x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH, GGUF_PANEL_MIN_BATCH[block]
+    )
 
 
 def gptq_linear_fast(
