@@ -107,6 +107,8 @@ def test_importance_errors(monkeypatch):
         quantize(x, GGMLType.Q4_K, importance=torch.ones(255))
     with pytest.raises(NumericError):
         quantize(x, GGMLType.Q4_K, importance=-torch.ones(256))
-    monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "reference")
-    with pytest.raises(ConfigError, match="native CPU kernels"):
-        quantize(x, GGMLType.Q4_K, importance=torch.ones(256))
+    monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "reference")  # the PyTorch fallback validates the same way
+    with pytest.raises(ConfigError, match="255 importance weights"):
+        quantize(x, GGMLType.Q4_K, importance=torch.ones(255))
+    with pytest.raises(ConfigError, match="no importance-weighted"):
+        quantize_reference(x, GGMLType.Q8_1, importance=torch.ones(256))

@@ -9,7 +9,8 @@ Bit-exact with ggml's reference quantizers (``quantize_row_*_ref``); see :mod:`g
 ``quantize`` runs the native kernel (``kernels/cpu/gguf_quant.cpp``, byte-identical, multithreaded)
 when it is built, and the vectorized PyTorch reference otherwise or with
 ``TORCHCOMPRESS_KERNEL=reference``. Importance weights (llama.cpp's imatrix, one value per column)
-select ggml's importance-weighted K-quant path; it exists natively only.
+select ggml's importance-weighted quantizers (K-quants and Q4_0/Q4_1/Q5_0/Q5_1), natively or in the
+PyTorch reference of :mod:`gguf_imatrix` (bit-exact with each other, much slower).
 """
 
 from __future__ import annotations
@@ -108,20 +109,22 @@ def quantize(
     op = _native_op()
     if op is not None:
         out = op(x, int(qtype), importance)
-    elif importance is not None:
-        raise ConfigError(
-            "importance", f"{name}: importance-weighted (imatrix) quantization needs the native CPU kernels "
-            "(torchcompress.ops.native: a C++ compiler and ninja), and TORCHCOMPRESS_KERNEL must not be 'reference'"
-        )
     else:
-        out = _QUANT[qtype](x)
+        out = quantize_reference(x, qtype, importance)
     return out.reshape(*lead, row_bytes(qtype, k))
 
 
-def quantize_reference(x: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
-    """The pure-PyTorch quantizer for (R, K) float ``x`` (what ``quantize`` falls back to)."""
+def quantize_reference(x: torch.Tensor, qtype: GGMLType, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The pure-PyTorch quantizer for (R, K) float ``x`` (what ``quantize`` falls back to);
+    ``importance`` (K,) selects ggml's weighted quantizer (Q8_0 ignores it, as ggml does)."""
     qtype = GGMLType(qtype)
     k = x.shape[-1]
+    if importance is not None:
+        importance = _check_importance(importance, qtype, k, "tensor")
+    if importance is not None and qtype in IMATRIX_TYPES:
+        from .gguf_imatrix import quantize_imatrix
+
+        return quantize_imatrix(x.reshape(-1, k), qtype, importance)
     return _QUANT[qtype](x.reshape(-1, k)).reshape(-1, row_bytes(qtype, k))
 
 

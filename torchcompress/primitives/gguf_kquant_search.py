@@ -40,7 +40,9 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     and L (n, M) int32 in [0, nmax].
     """
     n = x.shape[0]
-    mn = x.amin(0)
+    mn = x[0]  # the C loop keeps the first of equal values: min's sign when +0.0 and -0.0 tie
+    for i in range(1, n):  # (stored by the weighted Q4_1/Q5_1 as -the_min); amin picks either
+        mn = torch.where(x[i] < mn, x[i], mn)
     mx = x.amax(0)
     sum_w = _acc(w[i] for i in range(n))
     sum_x = w[0] * x[0]
@@ -92,15 +94,17 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(0, idx)[0]
 
 
-def make_qx_quants_rmse1(x: torch.Tensor, nmax: int):
-    """Symmetric search of ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)`` (Q6_K).
+def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None):
+    """Symmetric search of ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` (Q6_K; with importance
+    weights ``qw`` (n, M) also Q3_K, Q4_0, Q5_0 and Q3_K's scale quantization). ``qw=None`` is ggml's
+    ``qw=NULL``: w = x*x.
 
     Returns scale (M,) and L (n, M) int32 in [0, 2*nmax).
     """
     n = x.shape[0]
     mx = _signed_absmax(x)
     zero = mx.abs() < GROUP_MAX_EPS
-    w = x * x
+    w = x * x if qw is None else qw
     wx = w * x
 
     def pass_(iscale):

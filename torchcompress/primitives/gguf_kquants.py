@@ -110,6 +110,12 @@ def _quantize_q2_k(b: torch.Tensor) -> torch.Tensor:
     sc = sc & 0xFF
     d = torch.where(has_s[:, 0], max_scale / 15.0, 0.0)
     dmin = torch.where(has_m[:, 0], max_min / 15.0, 0.0)
+    return q2_k_finish(b, L, sc, d, dmin)
+
+
+def q2_k_finish(b, L, sc, d, dmin):
+    """Q2_K bytes from codes L (nb, 256), scale bytes sc (nb, 16) (low nibble scale, high min) and
+    the super-block scales d, dmin (nb,)."""
     d_eff = fp16_round(d).unsqueeze(1) * (sc & 0xF).to(torch.float32)
     dm_eff = fp16_round(dmin).unsqueeze(1) * (sc >> 4).to(torch.float32)
     L = _requant(b, L, d_eff, dm_eff, 16, 0, 3)
@@ -128,12 +134,17 @@ def _quantize_q3_k(b: torch.Tensor) -> torch.Tensor:
     l = nearest_int(iscale.unsqueeze(1) * scales)
     l = ((l & 0xFF) ^ 0x80) - 0x80  # int8_t l = nearest_int(...)
     l = torch.where(nz.unsqueeze(1), l.clamp(-32, 31) + 32, 0)  # 6-bit codes, offset 32
+    return q3_k_finish(b, L, l, torch.where(nz, cdiv(1.0, iscale), 0.0))
+
+
+def q3_k_finish(b: torch.Tensor, L: torch.Tensor, l: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q3_K bytes from codes L (nb, 256) in [0, 8), 6-bit scale codes l (nb, 16) and the scale d (nb,)."""
+    nb = b.shape[0]
     packed = torch.empty(nb, 12, dtype=torch.int32)
     packed[:, 0:8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
     hi = (l >> 4).reshape(nb, 4, 4)  # [j/4][j%4]
     packed[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
-    d = torch.where(nz, cdiv(1.0, iscale), 0.0)
-    d_eff = fp16_round(d).unsqueeze(1) * torch.where(nz.unsqueeze(1), l - 32, -32).to(torch.float32)
+    d_eff = fp16_round(d).unsqueeze(1) * (l - 32).to(torch.float32)
     L = _requant(b, L, d_eff, None, 16, -4, 3)  # codes 0..7 (0 for an all-zero sub-block)
     high = L > 3
     L = torch.where(high, L - 4, L)
@@ -149,24 +160,38 @@ def _quantize_q45_k(b, nmax, rmin, nstep):
     inv_m = torch.where(max_min > 0, cdiv(63.0, max_min), 0.0).unsqueeze(1)
     ls = (nearest_int(inv_s * scales) & 0xFF).clamp(max=63)  # uint8_t, then MIN(63, .)
     lm = (nearest_int(inv_m * mins) & 0xFF).clamp(max=63)
-    d, dmin = max_scale / 63.0, max_min / 63.0
+    return q45_k_finish(b, L, ls, lm, max_scale / 63.0, max_min / 63.0, nmax)
+
+
+def q45_k_finish(b, L, ls, lm, d, dmin, nmax):
+    """Q4_K/Q5_K head bytes (d | dmin | scales) and the requantized codes, from scale and min codes
+    ls, lm (nb, 8) (byte values) and super-block scales d, dmin (nb,). The requantization reads the
+    codes back from the packed bytes, as ggml does (the same values unless a code exceeds 63)."""
+    packed = _pack_scales_k4(ls, lm)
+    ls, lm = _unpack_scales_k4(packed)
     d_eff = fp16_round(d).unsqueeze(1) * ls.to(torch.float32)
     dm_eff = fp16_round(dmin).unsqueeze(1) * lm.to(torch.float32)
     L = _requant(b, L, d_eff, dm_eff, 32, 0, nmax)
-    head = torch.cat([fp16_bytes(d), fp16_bytes(dmin), _pack_scales_k4(ls, lm)], dim=1)
+    head = torch.cat([fp16_bytes(d), fp16_bytes(dmin), packed], dim=1)
     return head, L
 
 
-@_chunked
-def _quantize_q4_k(b: torch.Tensor) -> torch.Tensor:
-    head, L = _quantize_q45_k(b, 15, -1.0, 20)
+def pack_q4_k(head: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     q = L.reshape(-1, 4, 2, 32)
     return torch.cat([head, _u8(q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=1)
 
 
 @_chunked
+def _quantize_q4_k(b: torch.Tensor) -> torch.Tensor:
+    return pack_q4_k(*_quantize_q45_k(b, 15, -1.0, 20))
+
+
+@_chunked
 def _quantize_q5_k(b: torch.Tensor) -> torch.Tensor:
-    head, L = _quantize_q45_k(b, 31, -0.5, 15)
+    return pack_q5_k(*_quantize_q45_k(b, 31, -0.5, 15))
+
+
+def pack_q5_k(head: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     q = L.reshape(-1, 4, 2, 32)  # [group g][half][j]
     hbits = (q >> 4) & 1
     shifts = (2 * torch.arange(4, dtype=torch.int32)).reshape(1, 4, 1, 1) + torch.tensor([0, 1]).reshape(1, 1, 2, 1)
@@ -179,7 +204,12 @@ def _quantize_q5_k(b: torch.Tensor) -> torch.Tensor:
 def _quantize_q6_k(b: torch.Tensor) -> torch.Tensor:
     nb = b.shape[0]
     scale, L = make_qx_quants_rmse1(_sub_t(b, 16), 32)
-    scales, L = scale.reshape(nb, 16), _from_sub_t(L, nb)
+    return q6_k_finish(b, scale.reshape(nb, 16), _from_sub_t(L, nb))
+
+
+def q6_k_finish(b: torch.Tensor, scales: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Q6_K bytes from the 16 sub-block scales (nb, 16) and codes L (nb, 256) of the search."""
+    nb = b.shape[0]
     idx = scales.abs().argmax(1, keepdim=True)
     max_scale = scales.gather(1, idx)[:, 0]
     zero = max_scale.abs() < 1e-15
