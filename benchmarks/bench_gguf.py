@@ -63,6 +63,7 @@ def main() -> None:
     xk = x[: a.kquant_rows]
     imp = torch.rand(4096, generator=g) + 0.05
     xs = xk[:64]  # the PyTorch imatrix reference is slow: rate on 64 rows
+    nk = xk.numel()
     print(f"   {'type':6s} {'native':>16s} {'imatrix':>16s} {'PyTorch reference':>20s} {'PyTorch imatrix':>16s}"
           "   (M weights/s)")
     for name in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
@@ -71,7 +72,7 @@ def main() -> None:
         tr, ref = best_of(lambda: quantize_reference(xk, GGMLType[name]), 1)
         tri, refi = best_of(lambda: quantize_reference(xs, GGMLType[name], importance=imp), 1)
         same_i = torch.equal(quantize(xs, GGMLType[name], importance=imp), refi) if _native_op() else "-"
-        rate = lambda s, n=xk.numel(): f"{n / s / 1e6:10.2f}" if s else f"{'-':>10s}"  # noqa: E731
+        rate = lambda s, n=nk: f"{n / s / 1e6:10.2f}" if s else f"{'-':>10s}"  # noqa: E731
         print(f"   {name:6s} {rate(t):>16s} {rate(ti):>16s} {rate(tr):>20s} {rate(tri, xs.numel()):>16s}"
               f"   identical: {torch.equal(out, ref)}, imatrix: {same_i}")
 
