@@ -11,6 +11,7 @@ package never imports this file.
     python benchmarks/bench_linear.py                      # default shapes, batches 1 and 16
     python benchmarks/bench_linear.py --repeats 9 --shapes 576x1536,4096x4096
     python benchmarks/bench_linear.py --kernel reference   # the pure-PyTorch path only
+    python benchmarks/bench_linear.py --gguf-gemv          # + GGUF through the GEMV alone (no panel kernel)
 """
 
 from __future__ import annotations
@@ -87,6 +88,26 @@ class ForcedReference(nn.Module):
                 os.environ["TORCHCOMPRESS_KERNEL"] = old
 
 
+class ForcedGemv(nn.Module):
+    """Runs a GGUFLinear with the panel kernel switched off, so that batches up to
+    ``GGUF_GEMV_MAX_BATCH`` take the fused GEMV (the path they took before the panel kernel): the
+    two are timed side by side in one process."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from torchcompress.ops import fastpath
+
+        old = fastpath.GGUF_PANEL_MIN_BATCH
+        fastpath.GGUF_PANEL_MIN_BATCH = {block: 1 << 30 for block in old}
+        try:
+            return self.inner(x)
+        finally:
+            fastpath.GGUF_PANEL_MIN_BATCH = old
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for item in text.split(","):
@@ -114,7 +135,8 @@ def calibrate(fn, x, target_s: float) -> int:
     return max(1, min(1000, math.ceil(target_s / max(t, 1e-7))))
 
 
-def bench_shape(k: int, n: int, batch: int, repeats: int, warmup: int, target_s: float) -> dict[str, float]:
+def bench_shape(k: int, n: int, batch: int, repeats: int, warmup: int, target_s: float,
+                gguf_gemv: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     lin = nn.Linear(k, n).eval()
     mods: dict[str, nn.Module] = {"fp32": lin}
@@ -128,6 +150,8 @@ def bench_shape(k: int, n: int, batch: int, repeats: int, warmup: int, target_s:
 
         if k % LAYOUTS[qtype].block_size == 0:  # K-quants need rows of 256-weight super-blocks
             mods[name] = GGUFLinear.from_linear(lin, qtype).eval()
+            if gguf_gemv:
+                mods[f"{name} gemv"] = ForcedGemv(mods[name])
     x = torch.randn(batch, k)
     times: dict[str, list[float]] = {name: [] for name in mods}
     with torch.inference_mode():
@@ -151,6 +175,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--kernel", choices=["auto", "reference"], default=None,
                     help="sets TORCHCOMPRESS_KERNEL for this run (default: leave the environment as is)")
+    ap.add_argument("--gguf-gemv", action="store_true",
+                    help="also time each GGUF layer with the panel kernel off ('<type> gemv' columns: the fused GEMV)")
     args = ap.parse_args(argv)
     if args.kernel:
         os.environ["TORCHCOMPRESS_KERNEL"] = args.kernel
@@ -164,13 +190,14 @@ def main(argv=None) -> None:
     kernel = os.environ.get("TORCHCOMPRESS_KERNEL", "auto")
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, repeats {args.repeats} (median), "
           f"TORCHCOMPRESS_KERNEL={kernel}; ratio = QuantLinear time / fp32 nn.Linear time")
-    cols = list(SCHEMES) + ["W4 ref", "GPTQ W4 act-order"] + list(gguf_types())
+    gguf = list(gguf_types())
+    cols = list(SCHEMES) + ["W4 ref", "GPTQ W4 act-order"] + gguf + ([f"{g} gemv" for g in gguf] if args.gguf_gemv else [])
     header = f"{'shape (in x out)':>17} {'batch':>5} {'fp32 ms':>9} " + " ".join(f"{c + ' ms (x)':>22}" for c in cols)
     print(header)
     print("-" * len(header))
     for k, n in shapes:
         for b in batches:
-            med = bench_shape(k, n, b, args.repeats, args.warmup, args.target_ms / 1e3)
+            med = bench_shape(k, n, b, args.repeats, args.warmup, args.target_ms / 1e3, args.gguf_gemv)
             base = med["fp32"]
             cells = " ".join(f"{med[c] * 1e3:>12.3f} ({med[c] / base:>6.1f}x)" if c in med else f"{'n/a':>22}"
                              for c in cols)
