@@ -9,6 +9,8 @@ perplexity). Training text: random 'pydoc' windows (calibration source; never th
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py student --loss ce --steps 200 --out /tmp/ce.json
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py student --loss ema --steps 200 --out /tmp/ema.json
     HF_HUB_OFFLINE=1 python scripts/train_smollm2.py progressive --steps 100 --out /tmp/prog.json
+    # the layers 2 progressive halvings of 30 keep, distilled directly from the full model (baseline)
+    HF_HUB_OFFLINE=1 python scripts/train_smollm2.py student --keep 0,4,8,12,16,20,24,29 --steps 200 --out /tmp/q.json
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--hard", type=float, default=0.0, help="hard-label CE weight next to the soft KD loss")
     ap.add_argument("--stages", type=int, default=2, help="progressive: number of halvings")
+    ap.add_argument("--keep", default="every_other", help="student: layers kept, 'every_other' or indices 0,4,8")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--windows", type=int, default=14)
     ap.add_argument("--out", required=True)
@@ -107,7 +110,8 @@ def main() -> None:
         res["qat_ppl"] = ppl(model, windows)
         res["gap_recovered"] = round((res["ptq_ppl"] - res["qat_ppl"]) / (res["ptq_ppl"] - res["float_ppl"]), 4)
     elif a.mode == "student":
-        student = make_student(model, "every_other")
+        keep = a.keep if a.keep == "every_other" else [int(i) for i in a.keep.split(",")]
+        student = make_student(model, keep)
         res["student_layers"] = student.config.num_hidden_layers
         res["student_init_ppl"] = ppl(student, windows)
         if a.loss == "kd":
