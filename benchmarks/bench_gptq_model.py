@@ -114,7 +114,7 @@ def run_reference(model, ids: torch.Tensor, ref_dir: str, bits: int, group: int,
 
 def child(a) -> dict:
     torch.set_num_threads(a.threads)
-    from torchcompress.calibration import CalibrationConfig, build_calibration
+    from torchcompress.calibration import CalibrationSet
     from torchcompress.calibration.runner import gptq_model
     from torchcompress.config import GPTQConfig, QuantScheme
     from torchcompress.eval.perplexity import evaluate, make_windows
@@ -123,9 +123,14 @@ def child(a) -> dict:
 
     lm = load_model("default")
     model, tok = lm.model, lm.tokenizer
-    calib = build_calibration(CalibrationConfig(sources=("pydoc",), num_samples=a.samples, seq_len=a.seq_len),
-                              model, tok)
-    assert bool(calib.attention_mask.all()), "calibration windows must be full length"
+    # full-length windows (the reference's data loaders cut random windows from one long text):
+    # seeded random windows of the concatenated pydoc text, the same for both implementations
+    ptext, _ = load_text("pydoc")
+    stream = tok(ptext, return_tensors="pt").input_ids[0]
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, stream.numel() - a.seq_len, (a.samples,), generator=g)
+    ids = torch.stack([stream[s:s + a.seq_len] for s in starts.tolist()])
+    calib = CalibrationSet(ids, torch.ones_like(ids), sources=[{"source": "pydoc", "windows": "random"}])
     text, desc = load_text(HELDOUT)
     windows = make_windows(tok, text, 512, 14, desc)
     base_mib = _hwm_mib()

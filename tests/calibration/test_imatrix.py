@@ -69,8 +69,6 @@ def test_save_load_roundtrip_and_errors(tiny, tmp_path):
 
 
 def test_export_uses_imatrix_for_weighted_types_only(tiny, tmp_path):
-    if gguf_blocks._native_op() is None:
-        pytest.skip("importance-weighted quantization needs the native kernels")
     from torchcompress.formats.gguf_read import read_gguf
     from torchcompress.formats.gguf_write import export_gguf
 
@@ -90,8 +88,6 @@ def test_export_uses_imatrix_for_weighted_types_only(tiny, tmp_path):
 
 
 def test_gguf_stage_with_imatrix(tiny):
-    if gguf_blocks._native_op() is None:
-        pytest.skip("importance-weighted quantization needs the native kernels")
     import copy
 
     from torchcompress.errors import ConfigError

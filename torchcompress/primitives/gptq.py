@@ -80,7 +80,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
                 continue
             hinv = torch.cholesky_inverse(low)
             up, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(up).all()):
+            if int(info) == 0 and (bool(torch.isfinite(up.sum())) or bool(torch.isfinite(up).all())):
                 return up, d
     return None, float("nan")
 
@@ -119,7 +119,8 @@ def gptq_quantize(
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise NumericError(name, f"GPTQ needs W (N, K) and H (K, K); got {tuple(w.shape)} and {tuple(h.shape)}")
     for t, what in ((w, name), (h, f"{name} Hessian")):
-        if not bool(torch.isfinite(t).all()):
+        # a finite sum proves every entry finite; only a non-finite sum pays for the elementwise check
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             raise NumericError(what, "holds NaN/Inf values; refusing to quantize")
     n, k = w.shape
     gran = scheme.granularity
@@ -162,6 +163,15 @@ def gptq_quantize(
     g_idx = torch.empty(k, dtype=torch.int32)
     ch = _channel(scheme)
     cur_s = cur_z = None
+    half, maxq = float(1 << (scheme.bits - 1)), float((1 << scheme.bits) - 1)
+    perm_l = perm.tolist()
+    fixed_sf = fixed_zf = None
+    if fixed is not None:  # float copies, broadcastable to (N, 1) for per-channel / per-tensor
+        fixed_sf = fixed[0].float()
+        fixed_zf = None if fixed[1] is None else fixed[1].float()
+        if gran is not Granularity.GROUP:
+            fixed_sf = fixed_sf.expand(n, 1)
+            fixed_zf = None if fixed_zf is None else fixed_zf.expand(n, 1)
     if fused is None:
         fused = W.is_cuda and _has_triton()
     # the fused kernel needs every block's parameters at its start: dynamic groups must start on blocks
@@ -172,6 +182,7 @@ def gptq_quantize(
         E1 = torch.zeros_like(W1)
         Q1 = torch.empty(n, i2 - i1, dtype=torch.uint8)
         U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1).tolist()
         if fused:
             if fixed is None and i1 % gs == 0:  # a new dynamic group starts with this block
                 cur_s, cur_z, _ = qparams(W[:, i1:i1 + gs], ch)
@@ -187,18 +198,15 @@ def gptq_quantize(
             continue
         for i in range(i2 - i1):
             col = i1 + i  # position in quantization order
-            orig = int(perm[col])
             if fixed is not None:
                 if gran is Granularity.GROUP:
-                    grp = orig // gs
-                    s_c, z_c = scale[:, grp:grp + 1], None if zero is None else zero[:, grp:grp + 1]
+                    grp = perm_l[col] // gs
+                    s_c, z_c = fixed_sf[:, grp:grp + 1], None if fixed_zf is None else fixed_zf[:, grp:grp + 1]
                 else:  # per-channel (N, 1) or per-tensor (1, 1)
-                    grp = 0
-                    s_c = scale.expand(n, 1) if scale.shape == (1, 1) else scale
-                    z_c = None if zero is None else (zero.expand(n, 1) if zero.shape == (1, 1) else zero)
+                    s_c, z_c = fixed_sf, fixed_zf
             else:
-                grp = col // gs
                 if col % gs == 0:  # a new dynamic group: scale from its columns as updated so far
+                    grp = col // gs
                     span = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
                     if M is not None:
                         span = span * M[:, col:col + span.shape[1]]
@@ -206,15 +214,25 @@ def gptq_quantize(
                     scale[:, grp:grp + 1] = cur_s
                     if zero is not None:
                         zero[:, grp:grp + 1] = cur_z
-                s_c, z_c = cur_s, cur_z
+                    cur_sf, cur_zf = cur_s.float(), None if cur_z is None else cur_z.float()
+                s_c, z_c = cur_sf, cur_zf
+            # the RTN step of affine.quantize_with_qparams / dequantize_affine on one column, inline
+            # (same float operations, so the same codes; this loop runs once per input column)
             wc = W1[:, i:i + 1]  # (N, 1)
-            q = quantize_with_qparams(wc, s_c, z_c, scheme.bits, 1)
-            if M is not None:  # pruned: the code of exactly 0 (the zero point, or the middle code)
-                zc = z_c.to(torch.uint8) if z_c is not None else torch.full_like(q, 1 << (scheme.bits - 1))
-                q = torch.where(M[:, col:col + 1], q, zc.expand_as(q))
-            Q1[:, i] = q[:, 0]
-            wq = dequantize_affine(q, s_c, z_c, scheme.bits, 1)
-            err = (wc - wq) / U1[i, i]  # (N, 1)
+            qf = torch.round(wc / s_c)
+            if z_c is None:
+                qf = qf.clamp_(-half, half - 1)
+                if M is not None:  # pruned: the code of exactly 0
+                    qf = torch.where(M[:, col:col + 1], qf, 0.0)
+                Q1[:, i] = (qf[:, 0] + half).to(torch.uint8)
+                wq = qf * s_c
+            else:
+                qf = (qf + z_c).clamp_(0, maxq)
+                if M is not None:  # pruned: the zero point's code, exactly 0
+                    qf = torch.where(M[:, col:col + 1], qf, z_c)
+                Q1[:, i] = qf[:, 0].to(torch.uint8)
+                wq = (qf - z_c) * s_c
+            err = (wc - wq) / diag[i]  # (N, 1)
             W1[:, i:] -= err @ U1[i:i + 1, i:]
             E1[:, i:i + 1] = err
         codes[:, perm[i1:i2]] = Q1
