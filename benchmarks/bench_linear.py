@@ -101,7 +101,7 @@ class ForcedGemv(nn.Module):
         from torchcompress.ops import fastpath
 
         old = fastpath.GGUF_PANEL_MIN_BATCH
-        fastpath.GGUF_PANEL_MIN_BATCH = {block: 1 << 30 for block in old}
+        fastpath.GGUF_PANEL_MIN_BATCH = {isa: {block: 1 << 30 for block in v} for isa, v in old.items()}
         try:
             return self.inner(x)
         finally:

@@ -13,6 +13,7 @@ which case the op runs the pure-PyTorch reference. ``TORCHCOMPRESS_KERNEL=refere
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -52,12 +53,18 @@ def int_linear_fast(
 # ggml types with native CPU kernels (GGMLType values): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-weight
 # blocks) and Q4_K, Q5_K, Q6_K (256-weight super-blocks) -> weights per block
 GGUF_CPU_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
-# Paths by rows of x (crossovers measured on 4096x4096 and 11008x4096, AVX-512 and one thread): the
-# fused GEMV below GGUF_PANEL_MIN_BATCH (by block size: legacy 32-weight types, K-quants), the panel
-# kernel (a few weight rows decoded into an L1 panel, register-blocked over rows of x) up to
-# GGUF_GEMV_MAX_BATCH, dequantized tiles + at::mm above.
-GGUF_PANEL_MIN_BATCH = {32: 3, 256: 4}
+# Paths by rows of x (crossovers measured on 4096x4096 and 11008x4096 with one thread): the fused
+# GEMV below GGUF_PANEL_MIN_BATCH[isa][block size] (legacy 32-weight types, K-quants; AVX2's GEMV
+# takes 4 rows of x per pass, AVX-512's 8), the panel kernel (a few weight rows decoded into an L1
+# panel, register-blocked over rows of x) up to GGUF_GEMV_MAX_BATCH, dequantized tiles + at::mm
+# above. The portable code has no panel kernel of its own (its GEMV already dequantizes each row once).
+GGUF_PANEL_MIN_BATCH = {"avx512": {32: 3, 256: 4}, "avx2": {32: 5, 256: 5}}
 GGUF_GEMV_MAX_BATCH = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _native_isa(ext) -> str:
+    return ext.available_isas()[0]  # what isa="auto" runs
 
 
 def gguf_linear_fast(
@@ -85,9 +92,8 @@ def gguf_linear_fast(
     ext = load_native()
     if ext is None:
         return None
-    return ext.gguf_linear(
-        x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH, GGUF_PANEL_MIN_BATCH[block]
-    )
+    panel_min = GGUF_PANEL_MIN_BATCH.get(_native_isa(ext), {}).get(block, GGUF_GEMV_MAX_BATCH + 1)
+    return ext.gguf_linear(x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH, panel_min)
 
 
 def gptq_linear_fast(
