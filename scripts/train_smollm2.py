@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--hard", type=float, default=0.0, help="hard-label CE weight next to the soft KD loss")
     ap.add_argument("--stages", type=int, default=2, help="progressive: number of halvings")
+    ap.add_argument("--ema-decay", type=float, default=0.99, help="student --loss ema: the teacher's EMA decay")
     ap.add_argument("--keep", default="every_other", help="student: layers kept, 'every_other' or indices 0,4,8")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--windows", type=int, default=14)
@@ -120,7 +121,7 @@ def main() -> None:
         elif a.loss == "ce":
             losses = train(student, data, causal_lm_loss, settings)
         else:  # self-distillation: CE + KL to an EMA of the student itself
-            ema = EMATeacher(student, decay=0.99)
+            ema = EMATeacher(student, decay=a.ema_decay)
             d = Distiller(ema, KDConfig(temperature=a.temperature, soft_weight=1.0, hard_weight=1.0))
             losses = train(student, data, lambda m, ids, mask: d.loss(m, ids, mask), settings, hooks=[ema])
             res["ema_teacher_ppl"] = ppl(ema.model, windows)
