@@ -238,7 +238,7 @@ def test_cli_disk_full_is_exit_2_one_line(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path, monkeypatch):
+def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
     """`compress` with a GPTQ recipe, SIGKILLed after its first finished decoder block, then rerun with
     --resume: continues from OUT.state and writes the same bytes as an uninterrupted run."""
     import json
@@ -246,7 +246,6 @@ def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
     from tests.tiny import TINY_TEXT, make_tokenizer, tiny_config
-    from torchcompress.cli import main
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
@@ -258,14 +257,16 @@ def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path, monkeypatch):
     text.write_text(TINY_TEXT * 4)
     common = ["--model", str(model_dir), "--recipe", "w4-gptq-g128", "--calib", str(text), "--calib-samples", "8",
               "--seq-len", "64"]
-    # the same kernels as the killed and resumed runs below: the quantized blocks' forwards feed the next
-    # block's Hessian, and native and reference matmuls may round differently
-    monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "reference")
-    assert main(["compress", *common, "--out", str(tmp_path / "ref")]) == 0
+    # the uninterrupted run in a fresh process like the killed and resumed ones below: same kernels and
+    # thread count (an earlier test may have changed this process's), since the quantized blocks'
+    # forwards feed the next block's Hessian and matmuls round differently across those
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCHCOMPRESS_KERNEL="reference")
+    r = subprocess.run([sys.executable, "-m", "torchcompress", "compress", *common, "--out", str(tmp_path / "ref")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
     reference = canonical(tmp_path / "ref" / WEIGHTS_NAME)
 
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCHCOMPRESS_KERNEL="reference")
     child = subprocess.Popen([sys.executable, "-m", "torchcompress", "compress", *common, "--out", str(out)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = None
