@@ -50,6 +50,23 @@ class ExportResult:
     types: dict[str, GGMLType] = field(default_factory=dict)
 
 
+def file_kv(model, ft, name, tokenizer, tokenizer_from, tokenizer_pre, alignment: int) -> list:
+    """The file's metadata: architecture hyperparameters, tokenizer (copied from ``tokenizer_from``'s
+    .gguf, else built from ``tokenizer``), and a non-default alignment."""
+    from .gguf_tokenizer import tokenizer_kv, tokenizer_kv_from_gguf
+
+    if tokenizer_from is not None:
+        tok_kv = tokenizer_kv_from_gguf(tokenizer_from)
+    elif tokenizer is not None:
+        tok_kv = tokenizer_kv(tokenizer, model.config.vocab_size, pre=tokenizer_pre)
+    else:
+        raise InputError("GGUF export needs a tokenizer (llama.cpp refuses models without one)")
+    kvs = hparams_kv(model, ft, name) + tok_kv
+    if alignment != DEFAULT_ALIGNMENT:
+        kvs.append(KV("general.alignment", VType.UINT32, alignment))
+    return kvs
+
+
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF rotate-half row order -> llama.cpp interleaved pairs, per head. (n_head*D, K) -> same."""
     d = w.shape[0] // n_head
@@ -159,7 +176,6 @@ def export_gguf(
     Q4_0/Q4_1/Q5_0/Q5_1 are then quantized with ggml's importance-weighted search
     (``quantize_<type>(..., quant_weights)``, as llama.cpp's quantizer does with ``--imatrix``).
     """
-    from .gguf_tokenizer import tokenizer_kv, tokenizer_kv_from_gguf
 
     _check_model(model)
     ft = qtype if isinstance(qtype, FileType) else parse_file_type(qtype)
@@ -177,15 +193,7 @@ def export_gguf(
         plans.append(TensorPlan(gg, shape, planner.choose(gg, shape)))
         by_name[gg] = (hf, heads)
 
-    if tokenizer_from is not None:
-        tok_kv = tokenizer_kv_from_gguf(tokenizer_from)
-    elif tokenizer is not None:
-        tok_kv = tokenizer_kv(tokenizer, cfg.vocab_size, pre=tokenizer_pre)
-    else:
-        raise InputError("GGUF export needs a tokenizer (llama.cpp refuses models without one)")
-    kvs = hparams_kv(model, ft, name) + tok_kv
-    if alignment != DEFAULT_ALIGNMENT:
-        kvs.append(KV("general.alignment", VType.UINT32, alignment))
+    kvs = file_kv(model, ft, name, tokenizer, tokenizer_from, tokenizer_pre, alignment)
 
     def produce(plan: TensorPlan) -> torch.Tensor:
         hf, heads = by_name[plan.name]

@@ -24,9 +24,9 @@ import torch
 from ..errors import InputError
 from ..primitives.gguf_blocks import quantize
 from ..primitives.gguf_common import GGMLType
-from .gguf_file import DEFAULT_ALIGNMENT, KV, TensorPlan, VType, write_gguf
+from .gguf_file import DEFAULT_ALIGNMENT, TensorPlan, write_gguf
 from .gguf_mix import FileType
-from .gguf_write import ExportResult, _check_model, _tensor_sources, hparams_kv, permute_rope
+from .gguf_write import ExportResult, _check_model, _tensor_sources, file_kv, permute_rope
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,11 @@ def export_gguf_blocks(
 ) -> ExportResult:
     """Write ``model`` (a transformers Llama with GGUFLinear layers) as a .gguf; see the module doc."""
     from ..nn.gguf_linear import GGUFEmbedding, GGUFLinear
-    from .gguf_tokenizer import tokenizer_kv, tokenizer_kv_from_gguf
 
     _check_model(model)
     float_type = GGMLType(float_type)
     if float_type not in (GGMLType.F32, GGMLType.F16):
         raise InputError(f"GGUF export: float_type must be F32 or F16, got {float_type.name}")
-    cfg = model.config
     sources = _tensor_sources(model)
     if "output.weight" not in {g for g, _, _ in sources} and isinstance(getattr(model, "lm_head", None), GGUFLinear):
         sources.insert(1, ("output.weight", "lm_head.weight", None))  # tied in config, quantized apart: llama.cpp uses it
@@ -85,15 +83,7 @@ def export_gguf_blocks(
         raise InputError("GGUF export: the model has no GGUFLinear layer; export a float model with export_gguf")
     ft = _FILE_TYPE[counts.most_common(1)[0][0]]
 
-    if tokenizer_from is not None:
-        tok_kv = tokenizer_kv_from_gguf(tokenizer_from)
-    elif tokenizer is not None:
-        tok_kv = tokenizer_kv(tokenizer, cfg.vocab_size, pre=tokenizer_pre)
-    else:
-        raise InputError("GGUF export needs a tokenizer (llama.cpp refuses models without one)")
-    kvs = hparams_kv(model, ft, name) + tok_kv
-    if alignment != DEFAULT_ALIGNMENT:
-        kvs.append(KV("general.alignment", VType.UINT32, alignment))
+    kvs = file_kv(model, ft, name, tokenizer, tokenizer_from, tokenizer_pre, alignment)
 
     def produce(plan: TensorPlan) -> torch.Tensor:
         src, heads = by_name[plan.name]
