@@ -302,11 +302,8 @@ def _export_gguf_blocks(args, lm) -> int:
     t0 = time.perf_counter()
     src = Path(args.model) if str(args.model).endswith(".gguf") else None  # keep a .gguf's tokenizer verbatim
     res = export_gguf_blocks(lm.model, lm.tokenizer, args.out, tokenizer_from=src, tokenizer_pre=args.tokenizer_pre)
-    counts: dict[str, int] = {}
-    for t in res.types.values():
-        counts[t.name] = counts.get(t.name, 0) + 1
     print(f"wrote {res.path} (the model's own blocks; --qtype not used; {res.file_size / 2**20:.1f} MiB, "
-          + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f") in {time.perf_counter() - t0:.1f}s")
+          + _type_counts(res.types) + f") in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -343,11 +340,8 @@ def cmd_export(args) -> int:
         _say(f"imatrix from {args.imatrix}: {len(imat)} layers in {time.perf_counter() - t0:.1f}s")
     res = export_gguf(lm.model, lm.tokenizer, args.out, ft, pure=args.pure, leave_output=args.leave_output,
                       tokenizer_from=src, tokenizer_pre=args.tokenizer_pre, importance=imat)
-    counts: dict[str, int] = {}
-    for t in res.types.values():
-        counts[t.name] = counts.get(t.name, 0) + 1
     print(f"wrote {res.path} ({ft.name}, {res.file_size / 2**20:.1f} MiB, {len(res.types)} tensors: "
-          + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f") in {time.perf_counter() - t0:.1f}s")
+          + _type_counts(res.types) + f") in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -411,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("recipe")
     rc.set_defaults(fn=cmd_recipe)
     return p
+
+
+def _type_counts(types: dict) -> str:
+    """'12 Q4_K, 3 Q6_K' for a GGUF export's tensor -> type map."""
+    from collections import Counter
+
+    return ", ".join(f"{n} {k}" for k, n in sorted(Counter(t.name for t in types.values()).items()))
 
 
 def main(argv: list[str] | None = None) -> int:
