@@ -61,6 +61,60 @@ def test_hung_collector_bounded_shutdown_counted_drops(protocol):
     assert "opentelemetry" not in p.stderr, p.stderr  # the SDK's per-attempt / per-span messages are held back
 
 
+KNOWN_DEAD = """
+    import json, logging, time
+    logging.basicConfig(level=logging.WARNING)
+    from torchcompress import telemetry
+    from opentelemetry import trace
+    telemetry.configure({config})
+    with trace.get_tracer("t").start_as_current_span("s"):
+        pass
+    time.sleep({wait})  # the batch processor's first export (after 1 s) fails, or is still waiting
+    with trace.get_tracer("t").start_as_current_span("last"):  # still queued at the exit
+        pass
+    t0 = time.perf_counter()
+    telemetry.shutdown()
+    print(json.dumps({{"shutdown_s": time.perf_counter() - t0}}))
+"""
+
+
+@pytest.mark.parametrize("export_timeout,wait,why", [
+    (1.5, 3.5, "failed"),  # the first export timed out before the exit: the collector is known dead
+    (8.0, 3.0, "waiting"),  # the first export has waited ~2 s on a black hole and is still waiting
+])
+def test_known_dead_collector_gets_a_short_final_flush(export_timeout, wait, why):
+    """A collector that is known not to answer does not get the whole shutdown deadline (6 s here):
+    the final flush gives up after DEAD_COLLECTOR_GRACE, so a dead collector adds ~0.2 s to the exit."""
+    from torchcompress.telemetry.setup import DEAD_COLLECTOR_GRACE
+
+    hole = BlackHole()
+    try:
+        cfg = f"endpoint={hole.endpoint!r}, protocol='grpc', timeout={export_timeout}, shutdown_timeout=6.0"
+        p = _py(KNOWN_DEAD.format(config=cfg, wait=wait))
+    finally:
+        hole.close()
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["shutdown_s"] < DEAD_COLLECTOR_GRACE + 1.0, (why, r)  # far below the 6 s deadline
+    assert p.stderr.count("could not export") == 1, p.stderr  # said once, also when nothing had failed yet
+    assert p.stderr.count("not delivered") == 1 and "2 of 2 spans" in p.stderr, p.stderr
+
+
+def test_collector_health_tracking():
+    from torchcompress.telemetry.setup import Drops
+
+    d = Drops()
+    assert not d.unresponsive(1.0)  # nothing exported yet: no verdict
+    t = d.begin()
+    assert not d.unresponsive(1.0)  # waiting, but not for long
+    assert d.unresponsive(0.0)  # waiting longer than the patience
+    d.end(t, ok=True)
+    assert not d.unresponsive(0.0)
+    d.end(d.begin(), ok=False)
+    assert d.unresponsive(1.0)  # the latest export failed
+    d.end(d.begin(), ok=True)
+    assert not d.unresponsive(1.0)  # it came back
+
+
 @pytest.mark.slow
 def test_delivers_to_a_receiver_and_nothing_is_dropped():
     recv = HttpReceiver()

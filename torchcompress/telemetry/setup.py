@@ -45,6 +45,29 @@ class Drops:
         self.failed_exports = 0
         self.first_reason: str | None = None
         self._warned = False
+        self.last_ok: bool | None = None  # outcome of the latest finished export (None: none finished yet)
+        self._inflight: dict[int, float] = {}  # export id -> monotonic start, while it waits on the collector
+        self._next = 0
+
+    def begin(self) -> int:
+        """An export starts now; returns its id for :meth:`end`."""
+        with self.lock:
+            self._next += 1
+            self._inflight[self._next] = time.monotonic()
+            return self._next
+
+    def end(self, token: int, ok: bool) -> None:
+        with self.lock:
+            self._inflight.pop(token, None)
+            self.last_ok = ok
+
+    def unresponsive(self, patience: float) -> bool:
+        """True when the collector is known not to answer: the latest finished export failed, or an
+        export has waited longer than ``patience`` seconds without an answer (a black hole)."""
+        with self.lock:
+            now = time.monotonic()
+            stuck = any(now - t0 > patience for t0 in self._inflight.values())
+            return stuck or self.last_ok is False
 
     def failure(self, what: str, n: int, where: str, reason: str | None) -> None:
         with self.lock:
@@ -122,12 +145,14 @@ def _counting_span_exporter(inner, drops: Drops, where: str):
 
     class CountingSpanExporter(SpanExporter):
         def export(self, spans):
+            token = drops.begin()
             try:
                 res = inner.export(spans)
             except Exception as e:  # an exporter bug must not reach the job
                 res, reason = SpanExportResult.FAILURE, f"{type(e).__name__}: {e}"
             else:
                 reason = None
+            drops.end(token, res == SpanExportResult.SUCCESS)
             if res == SpanExportResult.SUCCESS:
                 with drops.lock:
                     drops.spans_exported += len(spans)
@@ -153,12 +178,14 @@ def _counting_metric_exporter(inner, drops: Drops, where: str):
                              preferred_aggregation=inner._preferred_aggregation)
 
         def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):
+            token = drops.begin()
             try:
                 res = inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
             except Exception as e:
                 res, reason = MetricExportResult.FAILURE, f"{type(e).__name__}: {e}"
             else:
                 reason = None
+            drops.end(token, res == MetricExportResult.SUCCESS)
             if res != MetricExportResult.SUCCESS:
                 drops.failure("metrics", _points(metrics_data), where, reason)
             return res
@@ -274,13 +301,25 @@ def flush(timeout: float = 2.0) -> bool:
     return _bounded([p.force_flush for p in (st.tracer_provider, st.meter_provider) if p is not None], timeout)
 
 
+# At exit, a collector known not to answer (its latest export failed, or one has waited longer than
+# UNRESPONSIVE_AFTER seconds) gets only DEAD_COLLECTOR_GRACE seconds for the final flush instead of the
+# full shutdown deadline: a last attempt that a collector which came back can still take (a refused
+# connection fails in milliseconds), without holding up the exit of every job beside a dead one.
+UNRESPONSIVE_AFTER = 1.0
+DEAD_COLLECTOR_GRACE = 0.2
+
+
 def shutdown(timeout: float | None = None) -> None:
     """Flush and stop the exporters, waiting at most ``timeout`` seconds (default: the config's
-    ``shutdown_timeout``); then report undelivered telemetry once. Safe to call twice."""
+    ``shutdown_timeout``; at most ``DEAD_COLLECTOR_GRACE`` when the collector is known not to
+    answer); then report undelivered telemetry once. Safe to call twice."""
     if not _STATE:
         return
     st = _STATE.pop()
     timeout = st.config.shutdown_timeout if timeout is None else timeout
+    if st.drops.unresponsive(UNRESPONSIVE_AFTER):
+        timeout = min(timeout, DEAD_COLLECTOR_GRACE)
+        log.debug("telemetry: the collector is not answering; giving the final flush %.1fs", timeout)
     calls = []
     if st.tracer_provider is not None:
         calls.append(st.tracer_provider.shutdown)
@@ -289,9 +328,12 @@ def shutdown(timeout: float | None = None) -> None:
     finished = _bounded(calls, timeout)
     if not finished:
         log.debug("telemetry: shutdown took longer than %.1fs; leaving the exporters behind", timeout)
+        # an export still waiting on the collector has not failed yet: say so once, as a failure would
+        st.drops.failure("telemetry", 0, _where(st.config.traces if st.tracer_provider is not None
+                                                 else st.config.metrics), f"no answer; gave up at exit after {timeout:g}s")
     msg = st.drops.summary()
     if msg:
-        log.warning(msg)
+        log.warning(msg + ("" if finished else "; the final flush was abandoned"))
     if finished:  # an exporter left behind still logs its failure later: keep it quiet
         for name, f in st.filters:
             logging.getLogger(name).removeFilter(f)
