@@ -130,6 +130,8 @@ def child(a) -> dict:
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, stream.numel() - a.seq_len, (a.samples,), generator=g)
     ids = torch.stack([stream[s:s + a.seq_len] for s in starts.tolist()])
+    if a.order_seed:  # the same windows in another order: only the floating-point summation order changes
+        ids = ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(a.order_seed))]
     calib = CalibrationSet(ids, torch.ones_like(ids), sources=[{"source": "pydoc", "windows": "random"}])
     text, desc = load_text(HELDOUT)
     windows = make_windows(tok, text, 512, 14, desc)
@@ -160,6 +162,12 @@ def main() -> int:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=8, help="our runner's calibration batch size")
+    p.add_argument("--order-seed", type=int, default=0,
+                   help="shuffle the calibration windows' order with this seed (0: as drawn); GPTQ's rounding "
+                        "decisions are chaotic in the Hessian's last bits, so runs over a few seeds show the "
+                        "perplexity spread of numerically equivalent runs")
+    p.add_argument("--parallel", action="store_true",
+                   help="run the two processes side by side (one core each) instead of one after the other")
     p.add_argument("--impl", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--order", default="ours,reference", help="which runs first (comma list)")
     a = p.parse_args()
@@ -167,16 +175,27 @@ def main() -> int:
     if a.impl:
         print("RESULT " + json.dumps(child(a)), flush=True)
         return 0
-    print(f"GPTQ W{a.bits} g{a.group} asym act_order={a.act_order} on SmolLM2, {a.samples} x {a.seq_len} pydoc tokens, "
-          f"{a.threads} thread(s); torch {torch.__version__}")
+    print(f"GPTQ W{a.bits} g{a.group} asym act_order={a.act_order} on SmolLM2, {a.samples} x {a.seq_len} pydoc tokens "
+          f"(order seed {a.order_seed}), {a.threads} thread(s) each, {'side by side' if a.parallel else 'one after the other'}; "
+          f"torch {torch.__version__}")
     res = {}
-    for impl in a.order.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
-        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if r.returncode != 0 or line is None:
-            print(f"{impl} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    impls = a.order.split(",")
+    cmds = {impl: [sys.executable, __file__, *sys.argv[1:], "--impl", impl] for impl in impls}
+    if a.parallel:
+        procs = {i: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for i, c in cmds.items()}
+        done = {i: (p.communicate(), p.returncode) for i, p in procs.items()}
+    else:
+        done = {}
+        for i, c in cmds.items():
+            r = subprocess.run(c, capture_output=True, text=True, env=env)
+            done[i] = ((r.stdout, r.stderr), r.returncode)
+    for impl in impls:
+        (out, err), rc = done[impl]
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        if rc != 0 or line is None:
+            print(f"{impl} failed (exit {rc}):\n{err[-3000:]}")
             return 1
         res[impl] = json.loads(line[7:])
         print(json.dumps(res[impl]), flush=True)
