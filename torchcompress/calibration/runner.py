@@ -226,10 +226,13 @@ def gptq_model(
     inputs.hidden = store_from(inputs.hidden, offload_dir)
     try:
         for b, block in enumerate(blocks):
-            if state is not None and b < state.done:
-                continue
             bprefix = f"{prefix}.{b}."
-            linears = {n[len(bprefix):]: m for n, m in chosen.items() if n.startswith(bprefix)}
+            if state is not None and b < state.done:
+                for n in [n for n in chosen if n.startswith(bprefix)]:
+                    del chosen[n]  # restored from the state above: let the float originals go
+                continue
+            # taken out of ``chosen``: once replaced, a block's float linears are freed with the block
+            linears = {n[len(bprefix):]: chosen.pop(n) for n in [n for n in chosen if n.startswith(bprefix)]}
             if linears:
                 shared = _linear_groups(block, linears, inputs, dev)
                 rep_of = {n: sub[0] for sub in shared for n in sub}
