@@ -11,7 +11,12 @@ you point to (never part of this repository)::
 
 The two symmetric grids differ (reference: scale 2*max|w|/(2^b-1) with zero 2^(b-1); ours:
 max|w|/(2^(b-1)-1)), so errors are compared in asymmetric mode, where both use the same min/max
-grid; the reference's float32 Hessian is given the same values as ours (float64 here).
+grid. The reference keeps its Hessian in float32, so both get the float32-rounded Hessian; then
+``same`` (the fraction of weights whose quantized values are identical in both) shows whether the
+two compute the same thing (100% but where the Hessian's float32 diagonal has ties: act-order then
+sorts them, and the reference's unstable sort may order them otherwise). ``same f64`` compares ours on that Hessian with ours on the unrounded
+float64 one: GPTQ's rounding decisions are chaotic in the Hessian's last bits, so this fraction,
+with equal layer errors, is the spread two numerically equivalent runs have.
 """
 
 from __future__ import annotations
@@ -76,9 +81,10 @@ def main(argv=None) -> int:
     scheme = QuantScheme(bits=args.bits, group_size=args.group, symmetric=False, scale_dtype="float32")
     print(f"W{args.bits} g{args.group} asym act_order={args.act_order}, {args.tokens} tokens, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
-    print(f"{'K x N':>11} | {'ours s':>7} {'ref s':>7} {'ref/ours':>8} | {'err ours':>10} {'err ref':>10} {'err RTN':>10}")
+    print(f"{'K x N':>11} | {'ours s':>7} {'ref s':>7} {'ref/ours':>8} | {'err ours':>10} {'err ref':>10} {'err RTN':>10} | {'same':>6} {'same f64':>8}")
     for k, n in SHAPES:
-        w, h = problem(k, n, args.tokens, seed=k + n)
+        w, h64 = problem(k, n, args.tokens, seed=k + n)
+        h = h64.float().double()  # float32 values: what the reference holds
         t_ours, t_ref = [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -89,7 +95,10 @@ def main(argv=None) -> int:
             t_ref.append(time.perf_counter() - t0)
         mo, mr = statistics.median(t_ours), statistics.median(t_ref)
         e_o, e_r, e_rtn = layer_error(ours, w, h), layer_error(ref, w, h), layer_error(fake_quantize(w, scheme), w, h)
-        print(f"{k:>5}x{n:<5} | {mo:7.3f} {mr:7.3f} {mr / mo:8.2f} | {e_o:10.4g} {e_r:10.4g} {e_rtn:10.4g}")
+        same = float((ours == ref).float().mean())
+        same64 = float((gptq_quantize(w, h64, scheme, act_order=args.act_order).dequantize() == ours).float().mean())
+        print(f"{k:>5}x{n:<5} | {mo:7.3f} {mr:7.3f} {mr / mo:8.2f} | {e_o:10.4g} {e_r:10.4g} {e_rtn:10.4g} | "
+              f"{same:6.1%} {same64:8.1%}")
     return 0
 
 

@@ -70,11 +70,12 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
     """Upper Cholesky factor of ``(H + d I)^-1`` trying growing damping; (None, nan) if all fail.
 
     Each damping level is tried in float32 (fast, what the reference does) and then float64."""
-    k = h.shape[0]
-    mean_diag = float(torch.diagonal(h).mean())
     for d in (damp,) + tuple(max(damp, 0.01) * m for m in DAMP_RETRIES):
         for dtype in (torch.float32, torch.float64):
-            hd = h.to(dtype) + (d * mean_diag) * torch.eye(k, dtype=dtype)
+            hd = h.to(dtype)  # a copy: damping is added to its diagonal
+            # the damping in the working precision, from the diagonal in quantization order (as the
+            # reference computes it: with the same float32 Hessian, the same bits and codes)
+            hd.diagonal().add_(d * torch.diag(hd).mean())  # diag: a contiguous copy (its sum order)
             low, info = torch.linalg.cholesky_ex(hd)
             if int(info) != 0:
                 continue
