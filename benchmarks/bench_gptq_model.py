@@ -2,7 +2,7 @@
 
     git clone https://github.com/IST-DASLab/gptq /tmp/gptq-ref     # or any copy of gptq.py + quant.py
     HF_HUB_OFFLINE=1 python benchmarks/bench_gptq_model.py --ref /tmp/gptq-ref \
-        [--samples 128 --seq-len 512 --bits 4 --group 128 --act-order --threads 1]
+        [--samples 128 --seq-len 512 --bits 4 --group 128 --act-order --threads 1 --parallel --order-seed 0,1,2,3]
 
 Each implementation runs in its own fresh process (so peak memory is its own), one after the other,
 on the same calibration tokens (pydoc windows: deterministic, nothing to generate) and the same
@@ -130,8 +130,8 @@ def child(a) -> dict:
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, stream.numel() - a.seq_len, (a.samples,), generator=g)
     ids = torch.stack([stream[s:s + a.seq_len] for s in starts.tolist()])
-    if a.order_seed:  # the same windows in another order: only the floating-point summation order changes
-        ids = ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(a.order_seed))]
+    if int(a.order_seed):  # the same windows in another order: only the floating-point summation order changes
+        ids = ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(int(a.order_seed)))]
     calib = CalibrationSet(ids, torch.ones_like(ids), sources=[{"source": "pydoc", "windows": "random"}])
     text, desc = load_text(HELDOUT)
     windows = make_windows(tok, text, 512, 14, desc)
@@ -162,8 +162,9 @@ def main() -> int:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=8, help="our runner's calibration batch size")
-    p.add_argument("--order-seed", type=int, default=0,
-                   help="shuffle the calibration windows' order with this seed (0: as drawn); GPTQ's rounding "
+    p.add_argument("--order-seed", default="0",
+                   help="shuffle the calibration windows' order with this seed (0: as drawn), or a comma list of "
+                        "seeds, one run of each implementation per seed and a summary; GPTQ's rounding "
                         "decisions are chaotic in the Hessian's last bits, so runs over a few seeds show the "
                         "perplexity spread of numerically equivalent runs")
     p.add_argument("--parallel", action="store_true",
@@ -175,36 +176,56 @@ def main() -> int:
     if a.impl:
         print("RESULT " + json.dumps(child(a)), flush=True)
         return 0
+    seeds = [int(x) for x in str(a.order_seed).split(",")]
     print(f"GPTQ W{a.bits} g{a.group} asym act_order={a.act_order} on SmolLM2, {a.samples} x {a.seq_len} pydoc tokens "
-          f"(order seed {a.order_seed}), {a.threads} thread(s) each, {'side by side' if a.parallel else 'one after the other'}; "
+          f"(order seeds {seeds}), {a.threads} thread(s) each, {'side by side' if a.parallel else 'one after the other'}; "
           f"torch {torch.__version__}")
-    res = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     impls = a.order.split(",")
-    cmds = {impl: [sys.executable, __file__, *sys.argv[1:], "--impl", impl] for impl in impls}
-    if a.parallel:
-        procs = {i: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for i, c in cmds.items()}
-        done = {i: (p.communicate(), p.returncode) for i, p in procs.items()}
-    else:
-        done = {}
-        for i, c in cmds.items():
-            r = subprocess.run(c, capture_output=True, text=True, env=env)
-            done[i] = ((r.stdout, r.stderr), r.returncode)
-    for impl in impls:
-        (out, err), rc = done[impl]
-        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-        if rc != 0 or line is None:
-            print(f"{impl} failed (exit {rc}):\n{err[-3000:]}")
-            return 1
-        res[impl] = json.loads(line[7:])
-        print(json.dumps(res[impl]), flush=True)
-    o, f = res["ours"], res["reference"]
-    assert o["calib"] == f["calib"]
-    print(f"\n{'':24s} {'ours':>10s} {'reference':>10s} {'ours/ref':>9s}")
-    for key, label in [("gptq_s", "GPTQ wall time (s)"), ("peak_gptq_mib", "peak RSS in GPTQ (MiB)"),
-                       ("peak_process_mib", "peak RSS process (MiB)"), ("ppl", "held-out perplexity")]:
-        print(f"{label:24s} {o[key]:10.2f} {f[key]:10.2f} {o[key] / f[key]:9.3f}")
+    keys = [("gptq_s", "GPTQ wall time (s)"), ("peak_gptq_mib", "peak RSS in GPTQ (MiB)"),
+            ("peak_process_mib", "peak RSS process (MiB)"), ("ppl", "held-out perplexity")]
+    runs = []
+    for seed in seeds:
+        argv, skip = [], False
+        for x in sys.argv[1:]:  # the child gets one seed
+            if skip or x.startswith("--order-seed="):
+                skip = False
+                continue
+            skip = x == "--order-seed"
+            if not skip:
+                argv.append(x)
+        cmds = {impl: [sys.executable, __file__, *argv, "--order-seed", str(seed), "--impl", impl] for impl in impls}
+        if a.parallel:
+            procs = {i: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                     for i, c in cmds.items()}
+            done = {i: (p.communicate(), p.returncode) for i, p in procs.items()}
+        else:
+            done = {}
+            for i, c in cmds.items():
+                r = subprocess.run(c, capture_output=True, text=True, env=env)
+                done[i] = ((r.stdout, r.stderr), r.returncode)
+        res = {}
+        for impl in impls:
+            (out, err), rc = done[impl]
+            line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+            if rc != 0 or line is None:
+                print(f"{impl} failed (exit {rc}):\n{err[-3000:]}")
+                return 1
+            res[impl] = json.loads(line[7:])
+            print(json.dumps(dict(res[impl], order_seed=seed)), flush=True)
+        o, f = res["ours"], res["reference"]
+        assert o["calib"] == f["calib"]
+        print(f"\norder seed {seed}:\n{'':24s} {'ours':>10s} {'reference':>10s} {'ours/ref':>9s}")
+        for key, label in keys:
+            print(f"{label:24s} {o[key]:10.2f} {f[key]:10.2f} {o[key] / f[key]:9.3f}")
+        runs.append(res)
+    if len(runs) > 1:
+        print(f"\nover {len(runs)} order seeds: mean [min, max]")
+        for key, label in keys:
+            vals = {i: [r[i][key] for r in runs] for i in ("ours", "reference")}
+            mo, mf = (sum(v) / len(v) for v in vals.values())
+            print(f"{label:24s} ours {mo:9.2f} [{min(vals['ours']):.2f}, {max(vals['ours']):.2f}]  reference "
+                  f"{mf:9.2f} [{min(vals['reference']):.2f}, {max(vals['reference']):.2f}]  ours/ref {mo / mf:6.3f}")
     return 0
 
 
