@@ -4,11 +4,18 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_gptq_model.py --ref /tmp/gptq-ref \
         [--samples 128 --seq-len 512 --bits 4 --group 128 --act-order --threads 1 --parallel --order-seed 0,1,2,3]
 
-Each implementation runs in its own fresh process (so peak memory is its own), one after the other,
-on the same calibration tokens (pydoc windows: deterministic, nothing to generate) and the same
+Each implementation runs in its own fresh process (so peak memory is its own), one after the other
+(side by side, one core each, with ``--parallel``), on the same calibration tokens (pydoc windows: deterministic, nothing to generate) and the same
 scheme (asymmetric, per-group, 1% damping, block size 128, true-sequential order). Printed: the GPTQ
 wall time, the peak resident memory during GPTQ (VmHWM reset after loading the model and data) and
 for the whole process, and held-out perplexity (GPL-3, 14 x 512) of both, with ratios ours/reference.
+
+GPTQ's rounding decisions are chaotic in the last bits of the Hessian (bench_gptq.py: the same
+layer gives identical codes in both implementations from the same float32 Hessian, but a third of
+them change when the Hessian is rounded differently, at equal layer error). The two runners
+accumulate the Hessian differently (ours: float64 sums of per-batch float32 products; reference:
+a float32 running mean), so one run of each is one draw: ``--order-seed 0,1,2,3`` feeds the same
+windows in other orders (only the summation order changes) and prints mean, min and max over them.
 
 The reference is driven the way its ``llama.py`` (``llama_sequential``) drives it: inputs of the first
 decoder layer captured once; per layer and per true-sequential group, Hessians accumulated by its
