@@ -261,6 +261,8 @@ def configure(config: TelemetryConfig) -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         exporter = _counting_span_exporter(_span_exporter(tsig, config.timeout), drops, tsig.endpoint or tsig.exporter)
+        if tsig.exporter == "otlp":
+            _probe(exporter)
         batch = BatchSpanProcessor(exporter, max_queue_size=config.max_queue_size, schedule_delay_millis=1000,
                                    max_export_batch_size=min(512, config.max_queue_size),
                                    export_timeout_millis=config.timeout * 1000)
@@ -281,6 +283,16 @@ def configure(config: TelemetryConfig) -> bool:
     atexit.register(shutdown)
     log.info("telemetry: traces -> %s, metrics -> %s", _where(tsig), _where(msig))
     return True
+
+
+def _probe(exporter) -> None:
+    """Export an empty batch now, in the background, so the collector's health is known early.
+
+    A job's spans mostly end at its end, so without this a short job's first export would be the
+    final flush, and a collector that never answers would hold up the exit for the whole export
+    deadline. The probe's outcome feeds :meth:`Drops.unresponsive` (a refused or hung collector
+    then gets the short final flush); a live collector receives one empty request."""
+    threading.Thread(target=exporter.export, args=([],), daemon=True, name="torchcompress-telemetry-probe").start()
 
 
 def _where(sig: SignalConfig | None) -> str:
