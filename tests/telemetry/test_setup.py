@@ -67,8 +67,9 @@ KNOWN_DEAD = """
     from torchcompress import telemetry
     from opentelemetry import trace
     telemetry.configure({config})
-    with trace.get_tracer("t").start_as_current_span("s"):
-        pass
+    if {early}:
+        with trace.get_tracer("t").start_as_current_span("s"):
+            pass
     time.sleep({wait})  # the batch processor's first export (after 1 s) fails, or is still waiting
     with trace.get_tracer("t").start_as_current_span("last"):  # still queued at the exit
         pass
@@ -78,11 +79,12 @@ KNOWN_DEAD = """
 """
 
 
-@pytest.mark.parametrize("export_timeout,wait,why", [
-    (1.5, 3.5, "failed"),  # the first export timed out before the exit: the collector is known dead
-    (8.0, 3.0, "waiting"),  # the first export has waited ~2 s on a black hole and is still waiting
+@pytest.mark.parametrize("export_timeout,wait,early,why", [
+    (1.5, 3.5, True, "failed"),  # the first export timed out before the exit: the collector is known dead
+    (8.0, 3.0, True, "waiting"),  # the first export has waited ~2 s on a black hole and is still waiting
+    (1.5, 2.5, False, "probe"),  # no span before the exit: the start-up probe timed out
 ])
-def test_known_dead_collector_gets_a_short_final_flush(export_timeout, wait, why):
+def test_known_dead_collector_gets_a_short_final_flush(export_timeout, wait, early, why):
     """A collector that is known not to answer does not get the whole shutdown deadline (6 s here):
     the final flush gives up after DEAD_COLLECTOR_GRACE, so a dead collector adds ~0.2 s to the exit."""
     from torchcompress.telemetry.setup import DEAD_COLLECTOR_GRACE
@@ -90,13 +92,13 @@ def test_known_dead_collector_gets_a_short_final_flush(export_timeout, wait, why
     hole = BlackHole()
     try:
         cfg = f"endpoint={hole.endpoint!r}, protocol='grpc', timeout={export_timeout}, shutdown_timeout=6.0"
-        p = _py(KNOWN_DEAD.format(config=cfg, wait=wait))
+        p = _py(KNOWN_DEAD.format(config=cfg, wait=wait, early=early))
     finally:
         hole.close()
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["shutdown_s"] < DEAD_COLLECTOR_GRACE + 1.0, (why, r)  # far below the 6 s deadline
     assert p.stderr.count("could not export") == 1, p.stderr  # said once, also when nothing had failed yet
-    assert p.stderr.count("not delivered") == 1 and "2 of 2 spans" in p.stderr, p.stderr
+    assert p.stderr.count("not delivered") == 1 and f"{1 + early} of {1 + early} spans" in p.stderr, p.stderr
 
 
 def test_collector_health_tracking():
