@@ -193,15 +193,9 @@ def main() -> int:
             ("peak_process_mib", "peak RSS process (MiB)"), ("ppl", "held-out perplexity")]
     runs = []
     for seed in seeds:
-        argv, skip = [], False
-        for x in sys.argv[1:]:  # the child gets one seed
-            if skip or x.startswith("--order-seed="):
-                skip = False
-                continue
-            skip = x == "--order-seed"
-            if not skip:
-                argv.append(x)
-        cmds = {impl: [sys.executable, __file__, *argv, "--order-seed", str(seed), "--impl", impl] for impl in impls}
+        # the child gets one seed: argparse keeps the last --order-seed given
+        cmds = {impl: [sys.executable, __file__, *sys.argv[1:], "--order-seed", str(seed), "--impl", impl]
+                for impl in impls}
         if a.parallel:
             procs = {i: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                      for i, c in cmds.items()}
