@@ -54,6 +54,7 @@ FAST = [
     (17, 256, 32, 4, False, 20, "tiled"),  # the tiled kernel on words
     (24, 64, 64, 2, True, 17, "tiled"),
     (33, 64, 16, 8, False, 5, "tiled-bytes"),  # the byte path on a word-aligned row
+    (17, 256, 32, 4, False, 16, "auto"),  # batch 16 on words: the word kernel
 ]
 SLOW = [
     (n, k, gs, bits, sym, m, path)

@@ -3,13 +3,13 @@ symmetric (implicit zero 2^(bits-1)) or with uint8 zero points, per-group or per
 
 Three kernels, all dequantizing in registers straight from the packed codes:
 
-* ``_gemv_words2d_kernel`` (decode, M <= ``GEMV_MAX_M``, 2/4/8 bits on rows of whole int32 words,
+* ``_gemv_words2d_kernel`` (decode, M <= ``GEMV_WORDS_MAX_M``, 2/4/8 bits on rows of whole int32 words,
   the common case): one program per (BLOCK_N outputs, K slice, row of x); a row's words are read
   with vector loads, each word's codes shifted out in an unrolled loop into a 2-D accumulator, the
   scale applied once per word. The K slices (split-K) add their fp32 partial sums atomically, so
   small layers still fill the GPU. Memory bound: reads each weight byte once per row of x.
-* ``_gemv_kernel``: the same for any width (3/5/6/7 bits, rows of odd byte counts), reading codes
-  byte by byte (about 4x slower on an H100 at 4 bits: ``benchmarks/bench_triton.py``).
+* ``_gemv_kernel`` (M <= ``GEMV_MAX_M``): the same for any width (3/5/6/7 bits, rows of odd byte
+  counts), reading codes byte by byte (about 4x slower on an H100 at 4 bits).
 * ``_tiled_kernel`` (prefill): a BLOCK_M x BLOCK_N output tile, ``tl.dot`` of an x tile with the
   dequantized weight tile, fp32 accumulation (IEEE fp32 products when x is fp32, so results match
   the reference's fp32 matmul rather than TF32).
@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-GEMV_MAX_M = 8
+GEMV_MAX_M = 8  # the byte-reading decode kernel up to this batch; the tiled kernel beyond
+GEMV_WORDS_MAX_M = 16  # the word kernel up to this batch (on an H100 it beats the tiled kernel at 16)
 SPLIT_WAVES = 2  # decode: K slices enough for this many programs per multiprocessor
 
 
@@ -230,7 +231,8 @@ def triton_int_linear(
     in_features: int,
     path: str = "auto",
 ) -> torch.Tensor:
-    """``x @ dequant(qweight)^T + bias`` with the Triton kernels; ``path`` is auto, gemv or tiled."""
+    """``x @ dequant(qweight)^T + bias`` with the Triton kernels; ``path``: auto, gemv, tiled, or
+    gemv-bytes / tiled-bytes (read codes byte by byte even on rows of whole words)."""
     k = in_features
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -251,7 +253,7 @@ def triton_int_linear(
              and qweight.storage_offset() % 4 == 0)
     qw = qweight.view(torch.int32) if words else qweight
     row = qw.shape[1]
-    if path.startswith("gemv") or (path == "auto" and m <= GEMV_MAX_M):
+    if path.startswith("gemv") or (path == "auto" and m <= (GEMV_WORDS_MAX_M if words else GEMV_MAX_M)):
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
         gmeta = dict(meta)
         if words:
