@@ -61,6 +61,31 @@ def test_sampling_times_one_forward_in_n(otel):
     assert _hooks(m) == 0
 
 
+def test_below_ratio_1_module_hooks_exist_only_during_a_sampled_forward(otel):
+    m = _model()
+    seen = []
+
+    class Probe(nn.Module):  # counts the hooks on the Linears while the model runs
+        def forward(self, x):
+            seen.append(_hooks(m[0]) + _hooks(m[3]))
+            return x
+
+    m.insert(1, Probe())
+    h = instrument(m, modules=[nn.Linear], sample_ratio=0.5, meter_provider=otel.meter_provider)
+    assert _hooks(m) == 2  # the model's own pre/post hooks only
+    for _ in range(4):
+        m(torch.randn(2, 16))
+        assert _hooks(m) == 2
+    assert seen == [4, 0, 4, 0]  # sampled, unsampled, sampled, unsampled
+    pts = _points(otel)
+    assert pts[("model", None)].count == 2 and pts[("module", "0")].count == 2 and pts[("module", "3")].count == 2
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 15))  # a sampled forward that raises still takes the module hooks off
+    assert _hooks(m) == 2
+    h.remove()
+    assert _hooks(m) == 0
+
+
 def test_modules_outside_a_sampled_forward_are_not_timed(otel):
     m = _model()
     instrument(m, modules=[nn.Linear], sample_ratio=0.5, meter_provider=otel.meter_provider)

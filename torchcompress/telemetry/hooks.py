@@ -2,10 +2,11 @@
 
 Every forward of the model and of the chosen modules is timed into the histogram
 ``torchcompress.inference.duration`` (ms). ``sample_ratio`` bounds the overhead: the decision is
-made once per model forward (deterministically: every 1/ratio-th call), and module hooks of an
-unsampled forward return at once. On CUDA a forward is timed with CUDA events, read back once
-they completed (polled, never waited for) and at ``remove()`` (the one synchronize); on CPU with
-``time.perf_counter_ns``. The hooks assume one forward of the model at a time (training, eval and
+made once per model forward (deterministically: every 1/ratio-th call), and below 1 the modules'
+hooks are registered for a sampled forward only (the model's pre-hook adds them, its post-hook
+takes them off), so an unsampled forward pays for the model's two hooks alone. On CUDA a forward
+is timed with CUDA events, read back once they completed (polled, never waited for) and at
+``remove()`` (the one synchronize); on CPU with ``time.perf_counter_ns``. The hooks assume one forward of the model at a time (training, eval and
 generation loops); forwards of one model from several threads at once may mis-time modules.
 
 Example::
@@ -51,6 +52,12 @@ class Instrumentation:
         self._pending: collections.deque = collections.deque()
         self._base = dict(attributes)
         self._cuda = False
+        # below ratio 1 the modules' hooks are only on during a sampled forward: an unsampled forward
+        # then runs every module on PyTorch's hook-free fast path (a hook costs microseconds per call
+        # even when it returns at once, which shows on launch-bound GPU forwards)
+        self._dynamic = self.ratio < 1.0
+        self._module_hooks: list = []  # (module, pre hook, post hook) registered per sampled forward
+        self._live: list = []  # their handles while a sampled forward runs
 
     @property
     def mean_ms(self) -> float:
@@ -67,6 +74,8 @@ class Instrumentation:
             post = self._root_post(key, cuda, attrs)
             self.handles.append(module.register_forward_pre_hook(pre))
             self.handles.append(module.register_forward_hook(post, always_call=True))
+        elif self._dynamic:
+            self._module_hooks.append((module, self._pre(key, cuda), self._post(key, cuda, attrs, False)))
         else:
             self.handles.append(module.register_forward_pre_hook(self._pre(key, cuda)))
             self.handles.append(module.register_forward_hook(self._post(key, cuda, attrs, False)))
@@ -112,6 +121,9 @@ class Instrumentation:
                 return
             self._acc -= 1.0
             self._active = True
+            for mod, pre, post in self._module_hooks:
+                self._live.append(mod.register_forward_pre_hook(pre))
+                self._live.append(mod.register_forward_hook(post))
             inner(module, args)
         return hook
 
@@ -125,7 +137,13 @@ class Instrumentation:
             finally:
                 self._active = False
                 self._starts.clear()  # an exception mid-forward leaves starts behind
+                self._unhook_modules()
         return hook
+
+    def _unhook_modules(self) -> None:
+        for h in self._live:
+            h.remove()
+        self._live.clear()
 
     def _record(self, ms: float, attrs: dict, root: bool) -> None:
         if root:
@@ -146,6 +164,8 @@ class Instrumentation:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._unhook_modules()
+        self._module_hooks.clear()
         if self._cuda and self._pending:
             torch.cuda.synchronize()
             self._poll()
