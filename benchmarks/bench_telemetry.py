@@ -68,12 +68,14 @@ def _timed(model, ids, calls, variant, mp, sync):
             h.remove()
 
 
-def hook_cost_us(mp, n_modules=32, calls=400) -> dict:
-    """Microseconds per forward that the hooks add to a model of ``n_modules`` Identity modules."""
+def hook_cost_us(mp, n_modules=32, calls=400, device="cpu") -> dict:
+    """Microseconds per forward that the hooks add to a model of ``n_modules`` Identity modules on
+    ``device`` (on CUDA the hooks create and record CUDA events: that CPU cost is what is measured)."""
     from torchcompress.telemetry import instrument
 
-    model = nn.Sequential(*[nn.Identity() for _ in range(n_modules)])
-    x = torch.zeros(1)
+    model = nn.Sequential(*[nn.Identity() for _ in range(n_modules)]).to(device)
+    model.register_buffer("anchor", torch.zeros(1, device=device))  # so instrument() sees the device
+    x = torch.zeros(1, device=device)
 
     def run(variant):
         h = None if variant is None else instrument(model, variant[0], sample_ratio=variant[1], meter_provider=mp)
@@ -153,7 +155,7 @@ def main():
             per_round["plain"][-1] = t["plain"][0] / args.calls * 1e3  # ms per forward, for the header
             print(f"round {r + 1}/{args.rounds}: plain {per_round['plain'][-1]:.1f} ms/forward; "
                   + ", ".join(f"{n} {per_round[n][-1]:.3f} (cpu {cpu_round[n][-1]:.3f})" for n in names[1:]), flush=True)
-        costs = hook_cost_us(mp)
+        costs = hook_cost_us(mp, device=args.device)
 
     plain_ms = statistics.median(per_round["plain"])
     print(f"\nplain forward: median {plain_ms:.1f} ms (min {min(per_round['plain']):.1f}, max {max(per_round['plain']):.1f})")
@@ -168,7 +170,7 @@ def main():
         print(f"| {n} | {2 + 2 * k} | {statistics.median(per_round[n]):.4f} | {q[0]:.4f}-{q[2]:.4f} | "
               f"{statistics.median(cpu_round[n]):.4f} | {qc[0]:.4f}-{qc[2]:.4f} | "
               f"{1 + per_fwd_us / (plain_ms * 1e3):.4f} |")
-    print("\nhook cost (microbenchmark, 32 Identity modules): "
+    print(f"\nhook cost (microbenchmark, 32 Identity modules on {args.device}): "
           + ", ".join(f"{k} {v:.2f} us" for k, v in costs.items()))
     data = reader.get_metrics_data()
     pts = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics for p in m.data.data_points]
