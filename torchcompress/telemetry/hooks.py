@@ -6,8 +6,9 @@ made once per model forward (deterministically: every 1/ratio-th call), and belo
 hooks are registered for a sampled forward only (the model's pre-hook adds them, its post-hook
 takes them off), so an unsampled forward pays for the model's two hooks alone. On CUDA a forward
 is timed with CUDA events, read back once they completed (polled, never waited for) and at
-``remove()`` (the one synchronize); on CPU with ``time.perf_counter_ns``. The hooks assume one forward of the model at a time (training, eval and
-generation loops); forwards of one model from several threads at once may mis-time modules.
+``remove()`` (the one synchronize); on CPU with ``time.perf_counter_ns``. The hooks assume one
+forward of the model at a time (training, eval and generation loops); forwards of one model from
+several threads at once may mis-time modules.
 
 Example::
 

@@ -232,7 +232,7 @@ def triton_int_linear(
     path: str = "auto",
 ) -> torch.Tensor:
     """``x @ dequant(qweight)^T + bias`` with the Triton kernels; ``path``: auto, gemv, tiled, or
-    gemv-bytes / tiled-bytes (read codes byte by byte even on rows of whole words)."""
+    gemv-bytes (the byte-reading decode kernel even on rows of whole words)."""
     k = in_features
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -248,19 +248,18 @@ def triton_int_linear(
     interp = _interpreting()
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    # rows of whole int32 words (widths dividing 32): codes are read as words, not byte by byte
-    words = (not path.endswith("-bytes") and 32 % bits == 0 and qweight.shape[1] % 4 == 0
+    # rows of whole int32 words (widths dividing 32): the decode kernel reads codes as words
+    words = (path != "gemv-bytes" and 32 % bits == 0 and qweight.shape[1] % 4 == 0
              and qweight.storage_offset() % 4 == 0)
-    qw = qweight.view(torch.int32) if words else qweight
-    row = qw.shape[1]
-    if path.startswith("gemv") or (path == "auto" and m <= (GEMV_WORDS_MAX_M if words else GEMV_MAX_M)):
+    if path in ("gemv", "gemv-bytes") or (path == "auto" and m <= (GEMV_WORDS_MAX_M if words else GEMV_MAX_M)):
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
         gmeta = dict(meta)
         if words:
-            kern, tuned = _gemv_words2d_kernel, _gemv_words2d_tuned
+            kern, tuned, qw = _gemv_words2d_kernel, _gemv_words2d_tuned, qweight.view(torch.int32)
             del gmeta["CROSS"]
         else:
-            kern, tuned = _gemv_kernel, _gemv_tuned
+            kern, tuned, qw = _gemv_kernel, _gemv_tuned, qweight
+        row = qw.shape[1]
         if interp:
             split = _split_k(triton.cdiv(n, 16), m, k, x.device)
             kern[(triton.cdiv(n, 16), split, m)](
