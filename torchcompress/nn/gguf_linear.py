@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops import gguf_linear as _gguf_linear_op  # noqa: F401  (registers torchcompress::gguf_linear)
-from ..ops.gguf_linear import dequantize_rows
+from ..ops.backend import run_op
+from ..ops.gguf_linear import dequantize_rows, gguf_linear_impl  # (importing it registers torchcompress::gguf_linear)
 from ..primitives.gguf_blocks import quantize
 from ..primitives.gguf_common import GGMLType, row_bytes
 
@@ -41,7 +41,8 @@ class GGUFLinear(nn.Module):
         return dequantize_rows(self.blocks, int(self.qtype), self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        return torch.ops.torchcompress.gguf_linear(x, self.blocks, self.bias, int(self.qtype), self.in_features)
+        return run_op(torch.ops.torchcompress.gguf_linear, gguf_linear_impl,
+                      x, self.blocks, self.bias, int(self.qtype), self.in_features)
 
     def weight_bits(self) -> int:
         return self.blocks.numel() * 8

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from ..config import Granularity, QuantScheme
 from ..errors import InputError
-from ..ops import gptq_linear as _gptq_linear_op  # noqa: F401  (registers torchcompress::gptq_linear)
-from ..ops.gptq_linear import dequantize_g_idx_packed
+from ..ops.backend import run_op
+from ..ops.gptq_linear import dequantize_g_idx_packed, gptq_linear_impl  # (importing it registers torchcompress::gptq_linear)
 from ..primitives.act_order import sequential_group_size, sort_by_group
 from ..primitives.packing import pack
 from .quant_linear import QuantLinear
@@ -79,9 +79,9 @@ class GPTQLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         layout = self._sorted_layout()
-        return torch.ops.torchcompress.gptq_linear(
-            x, self.qweight, self.scale, self.zero, self.g_idx, self.bias, self.scheme.bits, self.in_features,
-            None if layout is None else layout.perm, None if layout is None else layout.qweight)
+        return run_op(torch.ops.torchcompress.gptq_linear, gptq_linear_impl,
+                      x, self.qweight, self.scale, self.zero, self.g_idx, self.bias, self.scheme.bits, self.in_features,
+                      None if layout is None else layout.perm, None if layout is None else layout.qweight)
 
     def weight_bits(self) -> int:
         return super().weight_bits() + self.g_idx.numel() * 32

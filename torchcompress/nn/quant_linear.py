@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..config import Granularity, QuantScheme
 from ..errors import ConfigError, NumericError
-from ..ops import int_linear as _int_linear_op  # noqa: F401  (registers torchcompress::int_linear)
-from ..ops.int_linear import dequantize_packed
+from ..ops.backend import run_op
+from ..ops.int_linear import dequantize_packed, int_linear_impl  # (importing it registers torchcompress::int_linear)
 from ..primitives.affine import effective_group_size, num_groups, quantize_affine
 from ..primitives.packing import pack, packed_len
 from .ste import fake_quantize_ste
@@ -194,10 +194,8 @@ class QuantLinear(nn.Module):
         if not self.is_packed:
             w = self._fake_quant_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return torch.ops.torchcompress.int_linear(
-            x, self.qweight, self.scale, self.zero, self.bias,
-            self.scheme.bits, self.group_size, self.in_features,
-        )
+        return run_op(torch.ops.torchcompress.int_linear, int_linear_impl,
+                      x, self.qweight, self.scale, self.zero, self.bias, self.scheme.bits, self.group_size, self.in_features)
 
     def weight_bits(self) -> int:
         """Bits this layer's weight occupies (codes, scales, zeros); the bias is not counted."""

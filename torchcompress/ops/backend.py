@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 import os
 
+import torch
+
 from ..errors import ConfigError
 
 ENV_VAR = "TORCHCOMPRESS_KERNEL"
@@ -26,3 +28,14 @@ def selected_backend() -> Backend:
     except ValueError:
         allowed = ", ".join(b.value for b in Backend)
         raise ConfigError(ENV_VAR, f"must be one of {allowed}, got {raw!r}") from None
+
+
+def run_op(op, impl, x: torch.Tensor, *args):
+    """``op(x, *args)`` for one of our custom ops; in plain eager inference (no autograd recording,
+    a plain tensor, not being compiled or traced) ``impl``, the Python function the op runs, is
+    called directly. Same result, without the dispatcher's 15-50 us per call: a decode step of a
+    30-block model makes about 200 of these calls."""
+    if (not torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type != "meta"
+            and not torch.compiler.is_compiling()):
+        return impl(x, *args)
+    return op(x, *args)

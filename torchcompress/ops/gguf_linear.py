@@ -23,14 +23,16 @@ def dequantize_rows(blocks: torch.Tensor, qtype: int, in_features: int, dtype: t
     return dequantize(blocks, qtype, (blocks.shape[0], in_features)).to(dtype)
 
 
-@torch.library.custom_op("torchcompress::gguf_linear", mutates_args=())
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int) -> torch.Tensor:
+def gguf_linear_impl(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int) -> torch.Tensor:
     if selected_backend() is Backend.AUTO:  # fast kernels (ops/fastpath.py), else the reference
         out = gguf_linear_fast(x.detach(), blocks, None if bias is None else bias.detach(), qtype, in_features)  # see int_linear
         if out is not None:
             return out
     w = dequantize_rows(blocks, qtype, in_features, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+gguf_linear = torch.library.custom_op("torchcompress::gguf_linear", mutates_args=())(gguf_linear_impl)
 
 
 @gguf_linear.register_fake

@@ -29,8 +29,7 @@ def dequantize_g_idx_packed(qweight, scale, zero, g_idx, bits: int, in_features:
     return dequantize_with_g_idx(unpack(qweight, bits, in_features), scale, zero, g_idx, bits, dtype)
 
 
-@torch.library.custom_op("torchcompress::gptq_linear", mutates_args=())
-def gptq_linear(
+def gptq_linear_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -50,6 +49,9 @@ def gptq_linear(
             return out
     w = dequantize_g_idx_packed(qweight, scale, zero, g_idx, bits, in_features, x.dtype)  # (N, K)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+gptq_linear = torch.library.custom_op("torchcompress::gptq_linear", mutates_args=())(gptq_linear_impl)
 
 
 @gptq_linear.register_fake

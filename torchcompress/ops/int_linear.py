@@ -41,8 +41,7 @@ def _reference(x, qweight, scale, zero, bias, bits, group_size, in_features):
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-@torch.library.custom_op("torchcompress::int_linear", mutates_args=())
-def int_linear(
+def int_linear_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -63,6 +62,9 @@ def int_linear(
         if out is not None:
             return out
     return _reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
+
+
+int_linear = torch.library.custom_op("torchcompress::int_linear", mutates_args=())(int_linear_impl)
 
 
 @int_linear.register_fake
