@@ -6,6 +6,8 @@ every variant once), median over rounds:
 * ``float``        the unmodified fp32 model;
 * ``W4 g128``      every Linear but lm_head -> QuantLinear (RTN, 4 bits, group 128, symmetric), default
                    kernels (the native CPU extension when it builds);
+* ``W4 g128 dispatcher``  the same modules and kernels, every call through the custom op's dispatcher
+                   (in inference the modules call the op's implementation directly);
 * ``W4 g128 ref``  the same modules, forced onto the pure-PyTorch reference (TORCHCOMPRESS_KERNEL);
 * ``Q4_0``         every Linear but lm_head -> GGUFLinear Q4_0, when torchcompress.nn.gguf_linear exists;
 * ``Q4_K_M``       every Linear but lm_head -> GGUFLinear with llama.cpp's Q4_K_M mix of block types;
@@ -65,18 +67,28 @@ def quantize_q4_k_m(model: nn.Module):
 
 
 class Forced:
-    """Calls ``fn`` with TORCHCOMPRESS_KERNEL set to ``kernel`` (the op reads it per call)."""
+    """Runs with TORCHCOMPRESS_KERNEL set to ``kernel`` (the op reads it per call). ``"dispatcher"``:
+    the default kernels, but QuantLinear sends every call through the custom op's dispatcher instead
+    of calling the op's implementation directly (what inference did before it skipped the dispatcher)."""
 
     def __init__(self, kernel: str | None):
         self.kernel = kernel
 
     def __enter__(self):
+        if self.kernel == "dispatcher":
+            import torchcompress.nn.quant_linear as ql
+
+            self.ql, self.run_op = ql, ql.run_op
+            ql.run_op = lambda op, impl, x, *args: op(x, *args)
+            return
         self.old = os.environ.get("TORCHCOMPRESS_KERNEL")
         if self.kernel is not None:
             os.environ["TORCHCOMPRESS_KERNEL"] = self.kernel
 
     def __exit__(self, *exc):
-        if self.old is None:
+        if self.kernel == "dispatcher":
+            self.ql.run_op = self.run_op
+        elif self.old is None:
             os.environ.pop("TORCHCOMPRESS_KERNEL", None)
         else:
             os.environ["TORCHCOMPRESS_KERNEL"] = self.old
@@ -127,7 +139,7 @@ def main(argv=None) -> None:
     base = loaded.model.float().eval()
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     w4 = quantize_w4(copy.deepcopy(base)).eval()
-    variants = {"float": (base, None), "W4 g128": (w4, None)}
+    variants = {"float": (base, None), "W4 g128": (w4, None), "W4 g128 dispatcher": (w4, "dispatcher")}
     if not args.skip_reference:
         variants["W4 g128 ref"] = (w4, "reference")
     q4, why_q4 = quantize_q4_0(copy.deepcopy(base))
@@ -159,10 +171,10 @@ def main(argv=None) -> None:
     print(f"SmolLM2-135M-Instruct, greedy, prompt {ids.shape[1]} tokens, {n} new tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     base_tps = 1.0 / statistics.median(per_tok["float"])
-    print(f"{'variant':>14} {'tokens/s':>9} {'vs float':>9}")
+    print(f"{'variant':>18} {'tokens/s':>9} {'vs float':>9}")
     for name, v in per_tok.items():
         tps = 1.0 / statistics.median(v)
-        print(f"{name:>14} {tps:>9.1f} {tps / base_tps:>8.2f}x")
+        print(f"{name:>18} {tps:>9.1f} {tps / base_tps:>8.2f}x")
     if q4 is None:
         print(f"Q4_0: {why_q4}")
     if qkm is None:
@@ -177,6 +189,8 @@ def main(argv=None) -> None:
     if "W4 g128 ref" in tokens:
         same = torch.equal(tokens["W4 g128"], tokens["W4 g128 ref"])
         print(f"W4 greedy tokens identical with native and reference kernels: {same}")
+    same = torch.equal(tokens["W4 g128"], tokens["W4 g128 dispatcher"])
+    print(f"W4 greedy tokens identical called directly and through the dispatcher: {same}")
 
 
 if __name__ == "__main__":
