@@ -94,8 +94,11 @@ class Forced:
             os.environ["TORCHCOMPRESS_KERNEL"] = self.old
 
 
+GRAD_MODE = torch.inference_mode  # --no-grad: torch.no_grad, the mode transformers' generate() sets itself
+
+
 def generate(model, ids, n: int, kernel: str | None) -> tuple[float, torch.Tensor]:
-    with Forced(kernel), torch.inference_mode():
+    with Forced(kernel), GRAD_MODE():
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t0, out[0, ids.shape[1]:]
@@ -129,7 +132,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-reference", action="store_true", help="leave out the slow W4 reference variant")
+    ap.add_argument("--no-grad", action="store_true",
+                    help="generate under torch.no_grad (as a plain model.generate() call runs) instead of inference_mode")
     args = ap.parse_args(argv)
+    global GRAD_MODE
+    if args.no_grad:
+        GRAD_MODE = torch.no_grad
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +176,7 @@ def main(argv=None) -> None:
         if llama_run is not None:
             per_tok["llama.cpp"].append((llama_run(n) - llama_run(1)) / (n - 1))
 
-    print(f"SmolLM2-135M-Instruct, greedy, prompt {ids.shape[1]} tokens, {n} new tokens, torch {torch.__version__}, "
+    print(f"SmolLM2-135M-Instruct, greedy, prompt {ids.shape[1]} tokens, {n} new tokens, {GRAD_MODE.__name__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     base_tps = 1.0 / statistics.median(per_tok["float"])
     print(f"{'variant':>18} {'tokens/s':>9} {'vs float':>9}")
