@@ -38,6 +38,13 @@ def test_compiling_uses_the_op():
     assert calls == ["op"]
 
 
+def test_jit_tracing_uses_the_op():
+    calls, op, impl = _recorder()
+    with torch.no_grad():
+        torch.jit.trace(lambda x: run_op(op, impl, x) * 2, torch.randn(3), check_trace=False)
+    assert calls == ["op"]
+
+
 def _layer(which: str) -> nn.Module:
     import torchcompress as tc
     from torchcompress.nn.gguf_linear import GGUFLinear

@@ -36,6 +36,6 @@ def run_op(op, impl, x: torch.Tensor, *args):
     called directly. Same result, without the dispatcher's 15-50 us per call: a decode step of a
     30-block model makes about 200 of these calls."""
     if (not torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type != "meta"
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         return impl(x, *args)
     return op(x, *args)
