@@ -51,7 +51,7 @@ FAST = [
     (3, 20, 128, 8, True, 2, "gemv"),  # 8 bits, K < one tile, one partial group
     (33, 64, 16, 8, False, 1, "gemv"),  # groups smaller than the tile
     (7, 64, 12, 4, False, 2, "gemv"),  # groups that split words: scale and zero per code
-    (17, 256, 32, 4, False, 20, "tiled"),  # the tiled kernel on words
+    (17, 256, 32, 4, False, 20, "tiled"),  # prefill on a word-aligned row: the tiled kernel reads bytes
     (24, 64, 64, 2, True, 17, "tiled"),
     (33, 64, 16, 8, False, 5, "gemv-bytes"),  # the byte kernel on a word-aligned row
     (17, 256, 32, 4, False, 16, "auto"),  # batch 16 on words: the word kernel
