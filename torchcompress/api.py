@@ -21,9 +21,7 @@ from .targets import select_modules, set_submodule
 
 log = logging.getLogger(__name__)
 
-# Skipped unless the caller passes its own ``ignore``: output heads are the most sensitive layer
-# and are usually tied to the embedding (which is not a Linear and never matches nn.Linear).
-DEFAULT_IGNORE = ("lm_head", "re:.*embed.*")
+from .ignore import DEFAULT_IGNORE  # noqa: E402,F401  (public here too)
 
 
 def _rtn(linear: nn.Linear, cfg: RTNConfig, name: str) -> nn.Module:

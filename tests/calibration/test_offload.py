@@ -43,7 +43,7 @@ def test_gptq_with_disk_offload_is_bit_identical(tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
     from tests.tiny import make_tokenizer, tiny_config
-    from torchcompress.calibration import offload
+    from torchcompress.pipeline import context
 
     tok = make_tokenizer()
     torch.manual_seed(0)
@@ -51,11 +51,16 @@ def test_gptq_with_disk_offload_is_bit_identical(tmp_path, monkeypatch):
     calib = build_calibration(CalibrationConfig(sources=("pydoc",), num_samples=8, seq_len=32), model, tok)
     cfg = GPTQConfig(QuantScheme(bits=4, group_size=32, symmetric=False))
     stores = []
-    real = offload.store_from
-    monkeypatch.setattr(offload, "store_from", lambda t, d=None: stores.append(real(t, d)) or stores[-1])
+    real = context.ActivationStore
+
+    def recording(directory=None):  # the store the block inputs are captured into
+        stores.append(real(directory))
+        return stores[-1]
+
+    monkeypatch.setattr(context, "ActivationStore", recording)
     a = gptq_model(copy.deepcopy(model), cfg, calib, batch_size=2)
     b = gptq_model(copy.deepcopy(model), cfg, calib, batch_size=2, offload_dir=tmp_path / "act")
-    assert [s.on_disk for s in stores] == [False, True]
+    assert [s.on_disk for s in stores] == [False, True]  # offloaded from the first capture on
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert list((tmp_path / "act").iterdir()) == []  # cleaned up

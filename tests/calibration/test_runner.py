@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from torchcompress.calibration import CalibrationConfig, CalibrationSet, build_calibration
-from torchcompress.calibration.runner import _HessianHooks, gptq_model
+from torchcompress.calibration.runner import gptq_model
+from torchcompress.pipeline.stats import Statistic
 from torchcompress.config import GPTQConfig, QuantScheme
 from torchcompress.errors import ConfigError
 from torchcompress.nn.gptq_linear import GPTQLinear
@@ -57,17 +58,14 @@ def test_padding_does_not_enter_hessians(setup):
     padded = CalibrationSet(padded_ids, mask)
 
     def hessians(calib):
-        from torchcompress.calibration.runner import _run_block, capture_first_inputs, decoder_blocks
+        from torchcompress.pipeline.context import BlockContext, capture_inputs
+        from torchcompress.pipeline.skeleton import find_blocks
 
-        blocks = decoder_blocks(ref)
-        inputs = capture_first_inputs(ref, blocks, calib.batches(2))
+        prefix, blocks = find_blocks(ref)
+        inputs = capture_inputs(ref, blocks[0], calib.batches(2), "cpu")
         named = {"q": blocks[0].self_attn.q_proj, "down": blocks[0].mlp.down_proj}
-        hooks = _HessianHooks(named)
-        for i in range(len(inputs.hidden)):
-            hooks.mask = inputs.masks[i].bool()
-            _run_block(blocks[0], inputs, i, "cpu")
-        hooks.remove()
-        return {n: hooks.finalize(n) for n in named}, hooks.tokens
+        stats = BlockContext(blocks[0], f"{prefix}.0.", inputs, "cpu").collect(named, "hessian")
+        return {n: s.hessian() for n, s in stats.items()}, {n: s.tokens for n, s in stats.items()}
 
     a, ta = hessians(full)
     b, tb = hessians(padded)
@@ -88,14 +86,10 @@ def _rank(rank, world, path, x, out):
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
-        lin = nn.Linear(x.shape[-1], 3)
-        hooks = _HessianHooks({"lin": lin})
-        shard = x.chunk(world)[rank]
-        for batch in shard.split(2):
-            hooks.mask = None
-            lin(batch)
-        hooks.remove()
-        torch.save(hooks.finalize("lin"), f"{out}.{rank}")
+        stat = Statistic("hessian", x.shape[-1], "cpu")
+        for batch in x.chunk(world)[rank].split(2):
+            stat.add(batch.reshape(-1, x.shape[-1]))
+        torch.save(stat.all_reduce().hessian(), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -105,12 +99,10 @@ def test_two_process_hessian_equals_one_process(tmp_path):
 
     x = torch.randn(8, 5, 16, dtype=torch.float32)
     mp.spawn(_rank, args=(2, str(tmp_path / "rdv"), x, str(tmp_path / "h")), nprocs=2, join=True)
-    lin = nn.Linear(16, 3)
-    one = _HessianHooks({"lin": lin})
+    one = Statistic("hessian", 16, "cpu")
     for batch in x.split(2):
-        lin(batch)
-    one.remove()
-    h1 = one.finalize("lin")
+        one.add(batch.reshape(-1, 16))
+    h1 = one.all_reduce().hessian()
     for r in range(2):
         h2 = torch.load(f"{tmp_path / 'h'}.{r}", weights_only=True)
         torch.testing.assert_close(h2, h1, rtol=1e-12, atol=1e-12)  # float64 sums of the same float32 products

@@ -2,8 +2,8 @@
 
 ``<state_dir>/state.json`` names the run's fingerprint (model, calibration data, config, targets)
 and the number of finished blocks; ``block-<b>.safetensors`` holds block ``b``'s quantized tensors
-(with a manifest of its compressed modules in the metadata) and ``inputs-<b>.safetensors`` the
-hidden states that enter block ``b + 1``. ``state.json`` is replaced last, so after a kill it
+(with a manifest of its compressed modules in the metadata) and ``inputs-<b>/h<i>.safetensors``
+the hidden states (one file per batch) that enter block ``b + 1``. ``state.json`` is replaced last, so after a kill it
 always points at files that were completely written. A state whose fingerprint differs is refused.
 """
 
@@ -60,12 +60,17 @@ class BlockState:
             for key, t in m.state_dict().items():
                 tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
         atomic_write_bytes(self.dir / f"block-{b}.safetensors", save(tensors, metadata={"manifest": json.dumps(manifest)}))
-        atomic_write_bytes(self.dir / f"inputs-{b}.safetensors",
-                           save({f"h{i}": h.contiguous() for i, h in enumerate(hidden)}))
-        atomic_write_bytes(self.dir / STATE, json.dumps({"fingerprint": self.fingerprint, "done_blocks": b + 1}).encode())
-        old = self.dir / f"inputs-{b - 1}.safetensors"
-        if old.exists():
-            old.unlink()
+        inputs = self.dir / f"inputs-{b}"  # one file per batch: an offloaded store is never gathered in memory
+        inputs.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for i, h in enumerate(hidden):
+            atomic_write_bytes(inputs / f"h{i}.safetensors", save({"h": h.detach().contiguous().cpu()}))
+            n = i + 1
+        atomic_write_bytes(self.dir / STATE, json.dumps({"fingerprint": self.fingerprint, "done_blocks": b + 1,
+                                                         "batches": n}).encode())
+        import shutil
+
+        shutil.rmtree(self.dir / f"inputs-{b - 1}", ignore_errors=True)
         self.done = b + 1
 
     def load_block(self, b: int) -> dict[str, nn.Module]:
@@ -86,8 +91,11 @@ class BlockState:
             out[name] = m.eval()
         return out
 
-    def load_inputs(self) -> list[torch.Tensor]:
+    def load_inputs(self):
+        """The saved activations entering block ``done``, one batch at a time (a generator)."""
         from safetensors.torch import load_file
 
-        sd = load_file(str(self.dir / f"inputs-{self.done - 1}.safetensors"))
-        return [sd[f"h{i}"] for i in range(len(sd))]
+        d = self.dir / f"inputs-{self.done - 1}"
+        n = len(list(d.glob("h*.safetensors")))
+        for i in range(n):
+            yield load_file(str(d / f"h{i}.safetensors"))["h"]

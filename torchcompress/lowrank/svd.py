@@ -1,7 +1,7 @@
 """``lowrank_``: factorize Linear layers by truncated SVD (plain or activation-aware).
 
 Activation-aware runs need ``X^T X`` of every chosen layer's inputs: gathered block by block with
-the layer-by-layer calibration runner (one decoder block's activations in memory at a time, real
+the block pipeline (one decoder block's activations in memory at a time, real
 tokens only), from the *original* model, before any layer is replaced. Then ranks are chosen
 (explicit, by energy, by parameter ratio, or under one global budget) and every layer is factorized.
 
@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from ..errors import ConfigError, InputError, NumericError
 from ..nn.lowrank_linear import LowRankLinear
+from ..pipeline.engine import BlockStep, run_in_memory
+from ..pipeline.skeleton import find_blocks
 from ..primitives import svd as svdm
 from ..targets import select_modules, set_submodule
 from .config import SVDConfig
@@ -29,34 +31,42 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def input_second_moments(model: nn.Module, names: list[str], calib, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """``{name: X^T X}`` (K, K) float64 over the real calibration tokens seen by each named Linear."""
-    from ..calibration.runner import _HessianHooks, _run_block, capture_first_inputs, decoder_blocks
-
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    """``{name: X^T X}`` (K, K) float64 over the real calibration tokens seen by each named Linear of
+    the unmodified model (block pipeline; summed across processes under torch.distributed)."""
+    prefix, blocks = find_blocks(model)
     outside = [n for n in names if not any(n.startswith(f"{prefix}.{b}.") for b in range(len(blocks)))]
     if outside:
         raise InputError(f"activation-aware SVD: {outside[0]} is outside the decoder blocks; "
                          "exclude it (ignore) or use plain SVD")
-    dev = next(model.parameters()).device
-    inputs = capture_first_inputs(model, blocks, calib.batches(batch_size))
     out: dict[str, torch.Tensor] = {}
-    for b, block in enumerate(blocks):
-        bprefix = f"{prefix}.{b}."
-        mine = {n[len(bprefix):]: block.get_submodule(n[len(bprefix):]) for n in names if n.startswith(bprefix)}
-        hooks = _HessianHooks(mine) if mine else None
-        try:
-            for i in range(len(inputs.hidden)):
-                if hooks is not None:
-                    hooks.mask = inputs.masks[i].bool()
-                inputs.hidden[i] = _run_block(block, inputs, i, dev).detach().cpu()  # next block's inputs
-        finally:
-            if hooks is not None:
-                hooks.remove()
-        for n in mine:
-            out[bprefix + n] = hooks.h[n]  # sum of x x^T (float64); the scale does not change the SVD
-        log.debug("svd: statistics of block %d/%d", b + 1, len(blocks))
+
+    def apply(ctx):
+        mine = {n[len(ctx.prefix):]: model.get_submodule(n) for n in names if n.startswith(ctx.prefix)}
+        if mine:  # the sum of x x^T (float64); the scale does not change the SVD
+            out.update({ctx.prefix + n: s.sum for n, s in ctx.collect(mine, "hessian").items()})
+
+    run_in_memory(model, [BlockStep(apply, name="svd-statistics")], calib, batch_size=batch_size)
     return out
+
+
+def svd_step(config: SVDConfig, targets, ignore, on_module=None) -> BlockStep:
+    """Truncated SVD of one block's linears as a step of the block pipeline (per-layer ranks; the
+    ``global`` allocation needs every layer's spectrum first and runs on an in-memory model only).
+    Activation-aware statistics come from the original model: the block passes on its uncompressed outputs."""
+    from ..pipeline.view import block_view
+
+    def apply(ctx):
+        view = block_view(ctx.prefix, ctx.block)
+        layers = {n: m for n, m in select_modules(view, targets, ignore) if type(m) is nn.Linear}
+        if not layers:
+            return
+        sm = None
+        if config.activation_aware:
+            stats = ctx.collect({n[len(ctx.prefix):]: m for n, m in layers.items()}, "hessian")
+            sm = {ctx.prefix + n: s.sum for n, s in stats.items()}
+        lowrank_(view, config, targets=targets, ignore=ignore, second_moments=sm, on_module=on_module)
+
+    return BlockStep(apply, needs_forward=config.activation_aware, propagate_original=True, name="svd")
 
 
 def _choose_ranks(cfg: SVDConfig, layers: dict[str, nn.Linear], spectra: dict[str, torch.Tensor]) -> dict[str, int]:

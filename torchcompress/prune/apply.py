@@ -85,7 +85,7 @@ def prune_(model: nn.Module, config, *, targets: Iterable = (nn.Linear,), ignore
     Wanda, SparseGPT and activation importance. ``state_dir``: Wanda/SparseGPT record each finished
     decoder block there and a repeated call with the same model, data and config resumes after it.
     """
-    from ..api import DEFAULT_IGNORE
+    from ..ignore import DEFAULT_IGNORE
 
     fn = _PRUNERS.get(type(config))
     if fn is None:

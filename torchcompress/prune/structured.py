@@ -90,10 +90,9 @@ def _kv_heads(model) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def plan_structured(model: nn.Module, cfg: StructuredPruneConfig, calib, chosen: dict, batch_size: int = 8) -> list[BlockPlan]:
-    from ..calibration.runner import decoder_blocks
+    from ..pipeline.skeleton import find_blocks
 
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = find_blocks(model)
     ids = {id(m) for m in chosen.values()}
     n_kv = _kv_heads(model)[1] if cfg.head_ratio else 0
     mlps, attns = [], []
@@ -174,10 +173,9 @@ def _head_rows(kv_keep: torch.Tensor, per: int, hd: int) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plans: list[BlockPlan], physical: bool, on_module=None) -> nn.Module:
-    from ..calibration.runner import decoder_blocks
+    from ..pipeline.skeleton import find_blocks
 
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = find_blocks(model)
     heads, n_kv, hd = _kv_heads(model)
     per = heads // n_kv
     make = _shrink if physical else _masked
