@@ -193,13 +193,20 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..pipeline.shards import INDEX_NAME, Checkpoint
+
     weights = path / WEIGHTS_NAME
-    if not weights.is_file():
+    if (path / INDEX_NAME).is_file() and (path / "config.json").is_file():  # sharded (the block pipeline's output)
+        ckpt = Checkpoint.open(path)
+        weights = path / INDEX_NAME
+        sd = {name: ckpt.get(name) for name in ckpt.tensors}
+    elif not weights.is_file():
         raise FormatError(path, f"missing {WEIGHTS_NAME}")
-    try:
-        sd = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise FormatError(weights, f"unreadable safetensors: {e}") from None
+    else:
+        try:
+            sd = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise FormatError(weights, f"unreadable safetensors: {e}") from None
     skeleton = model.state_dict()
     expected = set(skeleton)
     _check_dtypes(sd, skeleton, manifest, weights)

@@ -54,7 +54,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _tied_sources(model: nn.Module) -> dict[str, str]:
-    """Parameter names that share their tensor with another one (tied embeddings): name -> source."""
+    """Parameter names that share their tensor with another one (tied embeddings): name -> source.
+    transformers ties them only when weights load; its ``all_tied_weights_keys`` names the pairs."""
+    declared = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(declared, dict) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return {str(k): str(v) for k, v in declared.items()}
     out, seen = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -68,9 +72,7 @@ def checkpoint_key(model: nn.Module, ckpt: Checkpoint, full: str) -> str:
     """The checkpoint's name for the model's tensor ``full``; tied copies read their source."""
     if full in ckpt.tensors:
         return full
-    tied = getattr(model, "_tc_tied", None)
-    if tied is None:
-        tied = model._tc_tied = _tied_sources(model)
+    tied = tied_sources(model)
     src = tied.get(full)
     if src is not None and src in ckpt.tensors:
         return src
@@ -78,6 +80,14 @@ def checkpoint_key(model: nn.Module, ckpt: Checkpoint, full: str) -> str:
         if b == full and a in ckpt.tensors:
             return a
     raise FormatError(ckpt.dir, f"no tensor {full!r} in the checkpoint")
+
+
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """Tied tensor name -> the name it shares its tensor with (cached on the model)."""
+    tied = getattr(model, "_tc_tied", None)
+    if tied is None:
+        tied = model._tc_tied = _tied_sources(model)
+    return tied
 
 
 @torch.no_grad()

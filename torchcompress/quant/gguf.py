@@ -44,6 +44,11 @@ def gguf_name(module_name: str) -> str:
     return f"{module_name}.weight"
 
 
+def gguf_planner(config: GGUFConfig, n_layer: int) -> TypePlanner:
+    """llama.cpp's per-tensor type rules for a model of ``n_layer`` decoder blocks."""
+    return TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output), n_layer, tied=False)
+
+
 def quantize_gguf_(
     model: nn.Module,
     config: GGUFConfig,
@@ -52,6 +57,7 @@ def quantize_gguf_(
     ignore: Iterable = ("re:.*embed.*",),
     on_module: Callable[[str, nn.Module, nn.Module], None] | None = None,
     calib=None,
+    planner: TypePlanner | None = None,
 ) -> nn.Module:
     """Replace the chosen ``nn.Linear`` layers by ``GGUFLinear`` with llama.cpp's per-tensor types.
 
@@ -64,7 +70,8 @@ def quantize_gguf_(
     if not chosen:
         log.warning("gguf: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
     n_layer = 1 + max((int(m.group(1)) for n, _ in chosen if (m := _LAYER_RE.search(n))), default=0)
-    planner = TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output), n_layer, tied=False)
+    if planner is None:
+        planner = gguf_planner(config, n_layer)
     # llama.cpp counts attn_v tensors in layer order; visit in that order
     chosen.sort(key=lambda nm: (int(m.group(1)) if (m := _LAYER_RE.search(nm[0])) else -1, nm[0]))
     imat: dict = {}

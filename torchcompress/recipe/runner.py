@@ -18,35 +18,10 @@ from ..api import quantize_
 from ..config import QATConfig, RTNConfig
 from ..eval.metrics import mse, sqnr
 from ..eval.size import bytes_by_module_type, model_bytes
+from ..records import LayerRecord, StageRecord, tensor_bytes  # noqa: F401  (public here too)
 from .schema import Recipe, Stage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerRecord:
-    """What one stage did to one module."""
-
-    stage: str
-    module: str
-    kind: str
-    params: int
-    bytes_before: int
-    bytes_after: int
-    sqnr_db: float | None = None  # weight SQNR, float vs compressed
-    mse: float | None = None
-    bits_per_weight: float | None = None
-    # GPTQ: trace((W - W_hat) H (W - W_hat)^T) with H = 2 X^T X / tokens, the layer's output error
-    # on the calibration data (what GPTQ minimises)
-    gptq_loss: float | None = None
-
-
-@dataclass
-class StageRecord:
-    name: str
-    kind: str
-    seconds: float
-    modules: int
 
 
 @dataclass
@@ -82,14 +57,10 @@ class Report:
         return rep
 
 
-def _tensor_bytes(m: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
-
-
-def _record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -> Callable:
+def record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -> Callable:
     def on_module(name: str, old: nn.Module, new: nn.Module) -> None:
         w = old.weight.detach()
-        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), _tensor_bytes(old), _tensor_bytes(new))
+        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
         if getattr(new, "is_packed", False):
             w_hat = new.dequantize(torch.float32)
             rec.sqnr_db = sqnr(w, w_hat)
@@ -103,7 +74,7 @@ def _record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) 
 
 
 def _run_quantize(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
-    quantize_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=_record_quant(stage, records))
+    quantize_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records))
 
 
 # stage config type -> runner(model, stage, records, calib_data); techniques add theirs here.
@@ -116,7 +87,7 @@ def _run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None
     state = getattr(calib_data, "state_dir", None)
     losses: dict = {}  # filled just before each on_module call, so the record (and its span) carries it
     gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
-               on_module=_record_quant(stage, records, losses), on_loss=losses.__setitem__,
+               on_module=record_quant(stage, records, losses), on_loss=losses.__setitem__,
                state_dir=None if state is None else f"{state}/{stage.name}",
                offload_dir=getattr(calib_data, "offload_dir", None))
 
@@ -129,7 +100,7 @@ _RUNNERS[GPTQConfig] = _run_gptq
 def _run_gguf(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
     from ..quant.gguf import quantize_gguf_
 
-    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=_record_quant(stage, records),
+    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records),
                    calib=calib_data)
 
 

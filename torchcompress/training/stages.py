@@ -13,6 +13,7 @@ from torch import nn
 
 from ..api import freeze_, quantize_
 from ..errors import InputError
+from ..records import tensor_bytes
 from .loop import BatchSchedule, causal_lm_loss, train
 
 log = logging.getLogger(__name__)
@@ -24,14 +25,10 @@ def _data(calib_data, cfg, stage) -> BatchSchedule:
     return BatchSchedule(calib_data.input_ids, calib_data.attention_mask, cfg.batch_size, cfg.seed)
 
 
-def _tensor_bytes(m: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
-
-
 def run_qat(model: nn.Module, stage, records: list, calib_data) -> None:
     from ..distill.distiller import Distiller
     from ..eval.metrics import mse, sqnr
-    from ..recipe.runner import LayerRecord
+    from ..records import LayerRecord
 
     cfg = stage.config
     data = _data(calib_data, cfg, stage)
@@ -54,7 +51,7 @@ def run_qat(model: nn.Module, stage, records: list, calib_data) -> None:
         if cfg.freeze and cfg.qtype is not None:
             new = model.get_submodule(name)  # the GGUFLinear that replaced the fake-quant layer
         w = old.weight.detach()
-        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), _tensor_bytes(old), _tensor_bytes(new))
+        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
         if new.is_packed:
             w_hat = new.dequantize(torch.float32)
             rec.sqnr_db, rec.mse, rec.bits_per_weight = sqnr(w, w_hat), mse(w, w_hat), new.weight_bits() / w.numel()
@@ -66,11 +63,11 @@ def run_distill(model: nn.Module, stage, records: list, calib_data) -> None:
     from ..distill.distiller import Distiller
     from ..distill.progressive import _layer_stack, drop_layers_
     from ..distill.self_distill import EMATeacher
-    from ..recipe.runner import LayerRecord
+    from ..records import LayerRecord
 
     cfg = stage.config
     data = _data(calib_data, cfg, stage)
-    before = _tensor_bytes(model)
+    before = tensor_bytes(model)
     n_params = sum(p.numel() for p in model.parameters())
     hooks = []
     if cfg.teacher == "copy":
@@ -86,5 +83,5 @@ def run_distill(model: nn.Module, stage, records: list, calib_data) -> None:
     with torch.enable_grad():
         losses = train(model, data, lambda m, ids, mask: d.loss(m, ids, mask), cfg.settings(), hooks=hooks)
     log.info("stage %s: loss %.4f -> %.4f over %d steps", stage.name, losses[0], losses[-1], len(losses))
-    records.append(LayerRecord(stage.name, "<model>", stage.kind, n_params, before, _tensor_bytes(model)))
+    records.append(LayerRecord(stage.name, "<model>", stage.kind, n_params, before, tensor_bytes(model)))
     model.eval()

@@ -1,0 +1,268 @@
+"""A recipe over a safetensors checkpoint, one decoder block at a time: the memory of one block.
+
+    report = compress_checkpoint("path/to/llama-8b", load_recipe("w4-rtn"), "out/llama-8b-w4")
+
+The model is a skeleton on the meta device. Calibration inputs of the first block come from the
+embeddings alone; then for each decoder block: read its tensors from the shards, move it to the
+execution device, let every stage of the recipe act on it (data-free stages directly, calibrated
+ones on the activations through it), run the activations through the compressed block for the next
+one, write the block's shard, free it. Modules outside the blocks (embeddings, final norm, output
+head) are written last, one per shard. A killed run continues after its last written block
+(``resume``); the output directory appears whole at the end (:class:`~..pipeline.writer.ShardWriter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..config import GPTQConfig, QATConfig, RTNConfig
+from ..errors import InputError, RecipeError
+from ..ignore import DEFAULT_IGNORE
+from ..pipeline.context import capture_inputs
+from ..pipeline.engine import BlockStep, run_blocks
+from ..pipeline.shards import Checkpoint
+from ..pipeline.skeleton import build_skeleton, find_blocks, materialize, release, tied_sources
+from ..pipeline.view import block_view, modules_view
+from ..records import LayerRecord, StageRecord
+from .runner import Report, record_quant
+from .schema import Recipe, Stage
+
+log = logging.getLogger(__name__)
+
+
+class _Plan:
+    """One recipe stage on the pipeline: its per-block step and what it does outside the blocks."""
+
+    def __init__(self, stage: Stage, step: BlockStep, rest: Callable[[nn.Module], None] | None, records: list):
+        self.stage, self.step, self.rest, self.records = stage, step, rest, records
+        self.seconds = 0.0
+        inner = step.apply
+
+        def timed(ctx):
+            t0 = time.perf_counter()
+            inner(ctx)
+            self.seconds += time.perf_counter() - t0
+
+        step.apply = timed
+
+
+def _data_free(stage: Stage, runner: Callable, records: list) -> tuple[BlockStep, Callable]:
+    """A stage that changes each module from its own weights: run it on the block's view."""
+    def apply(ctx):
+        runner(block_view(ctx.prefix, ctx.block), stage, records, None)
+
+    return BlockStep(apply, needs_forward=False, name=stage.name), (lambda view: runner(view, stage, records, None))
+
+
+def _plan_stage(stage: Stage, n_layers: int, records: list) -> _Plan:
+    from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, WandaConfig
+    from ..quant.gguf_config import GGUFConfig
+
+    cfg = stage.config
+    ignore = DEFAULT_IGNORE if stage.ignore is None else stage.ignore
+    if isinstance(cfg, (RTNConfig, QATConfig)) and type(cfg) in (RTNConfig, QATConfig):
+        from .runner import _run_quantize as runner  # noqa: PLC2701  (same package)
+
+        return _Plan(stage, *_data_free(stage, runner, records), records)
+    if isinstance(cfg, GPTQConfig):
+        from ..quant.gptq import gptq_step
+
+        losses: dict = {}
+        step = gptq_step(cfg, stage.targets, ignore, on_module=record_quant(stage, records, losses),
+                         on_loss=losses.__setitem__)
+        return _Plan(stage, step, None, records)
+    if isinstance(cfg, GGUFConfig) and not cfg.imatrix:
+        from ..quant.gguf import gguf_planner, quantize_gguf_
+
+        planner = gguf_planner(cfg, n_layers)  # one per stage: llama.cpp's rules count layers across blocks
+
+        def run(view, stage=stage):
+            quantize_gguf_(view, cfg, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records),
+                           planner=planner)
+
+        return _Plan(stage, BlockStep(lambda ctx: run(block_view(ctx.prefix, ctx.block)), needs_forward=False), run, records)
+    if isinstance(cfg, MagnitudePruneConfig) and cfg.scope == "layer":
+        from ..prune.stages import run_prune_stage
+
+        return _Plan(stage, *_data_free(stage, run_prune_stage, records), records)
+    if isinstance(cfg, (WandaConfig, SparseGPTConfig)):
+        from ..prune.apply import prunable
+        from ..prune.sequential import prune_step
+        from ..prune.stages import prune_recorder
+
+        def select(block, prefix):
+            return {n[len(prefix):]: m for n, m in prunable(block_view(prefix, block), stage.targets, ignore).items()}
+
+        return _Plan(stage, prune_step(cfg, select, on_module=prune_recorder(stage, records)), None, records)
+    from ..lowrank.config import SVDConfig
+
+    if isinstance(cfg, SVDConfig) and cfg.allocation != "global":
+        from ..lowrank.stages import svd_recorder
+        from ..lowrank.svd import svd_step
+
+        svd_ignore = ("lm_head", "re:.*embed.*") if stage.ignore is None else stage.ignore
+        return _Plan(stage, svd_step(cfg, stage.targets, svd_ignore, on_module=svd_recorder(stage, records)), None, records)
+    raise RecipeError(f"stage {stage.name!r} ({stage.kind}) does not run on the block pipeline (it needs the whole "
+                      "model at once)", "recipe")
+
+
+def streamable(recipe: Recipe) -> str | None:
+    """None when every stage of ``recipe`` runs on the block pipeline, else the reason it cannot."""
+    try:
+        for s in recipe.stages:
+            _plan_stage(s, 1, [])
+    except RecipeError as e:
+        return str(e)
+    return None
+
+
+def _fingerprint(ckpt: Checkpoint, recipe: Recipe, calib, dtype, extra: str) -> str:
+    h = hashlib.sha256()
+    for part in (repr(recipe.stages), str(dtype), extra, calib.sha256() if calib is not None else "-"):
+        h.update(str(part).encode() + b"\0")
+    for name in sorted(ckpt.tensors):
+        info = ckpt.tensors[name]
+        h.update(f"{name}:{info.file.name}:{info.shape}:{info.dtype}:{info.file.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _outside_modules(model: nn.Module, blocks_prefix: str) -> list[str]:
+    """Top-most modules outside the decoder blocks that hold tensors of the checkpoint, in order."""
+    out = []
+    for name, m in model.named_modules():
+        if not name or name == blocks_prefix or name.startswith(blocks_prefix + ".") or blocks_prefix.startswith(name + "."):
+            continue
+        if any(name.startswith(o + ".") for o in out):
+            continue
+        if any(True for _ in m.parameters(recurse=True)) or any(True for _ in m.buffers(recurse=True)):
+            if list(m.state_dict().keys()):
+                out.append(name)
+    return out
+
+
+def _compressed(module: nn.Module, prefix: str) -> dict:
+    from ..formats.checkpoint import MODULE_KINDS
+
+    out = {}
+    for name, m in module.named_modules():
+        for kind, (cls, describe, _) in MODULE_KINDS.items():
+            if type(m) is cls:
+                out[f"{prefix}{name}".rstrip(".")] = describe(m)
+    return out
+
+
+def _cpu_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": t.detach().contiguous().cpu() for k, t in module.state_dict().items()}
+
+
+@torch.no_grad()
+def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.device("cpu"),
+                        dtype: torch.dtype = torch.float32, tokenizer=None, resume: bool = False, offload_dir=None,
+                        batch_size: int = 8, extra_files: dict[str, bytes] | None = None,
+                        on_block: Callable[[int, int], None] | None = None, on_stage: Callable | None = None,
+                        fingerprint_extra: str = "") -> Report:
+    """Apply ``recipe`` to the checkpoint directory ``src`` block by block and write ``out``."""
+    from ..formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, write_hf_files
+    from ..pipeline.writer import ShardWriter
+
+    ckpt = src if isinstance(src, Checkpoint) else Checkpoint.open(src)
+    model = build_skeleton(ckpt, dtype)
+    prefix, blocks = find_blocks(model)
+    plans = [_plan_stage(s, len(blocks), []) for s in recipe.stages]
+    steps = [p.step for p in plans]
+    needs_forward = any(s.needs_forward for s in steps)
+    if needs_forward and calib is None:
+        from ..errors import ConfigError
+
+        raise ConfigError("calib_data", "this recipe needs calibration data (--calib)")
+    outside = _outside_modules(model, prefix)
+    total = len(blocks) + len(outside)
+    writer = ShardWriter(out, total, _fingerprint(ckpt, recipe, calib, dtype, fingerprint_extra), resume)
+    try:
+        before = sum(i.nbytes // i.dtype.itemsize * (dtype.itemsize if i.dtype.is_floating_point else i.dtype.itemsize)
+                     for i in ckpt.tensors.values())  # at the compute dtype, as the in-memory path counts
+        report = Report(recipe=recipe.name, size_bytes_before=before, size_bytes_after=0)
+        done = writer.done_blocks
+        for p in plans:  # what finished blocks recorded before a kill
+            p.records.extend(LayerRecord(**r) for r in writer.extra.get("records", {}).get(p.stage.name, []))
+            p.seconds = writer.extra.get("seconds", {}).get(p.stage.name, 0.0)
+        inputs = None
+        if needs_forward:
+            for name in outside:
+                if not name.endswith("lm_head"):
+                    materialize(model, name, ckpt, dtype, device)
+            inputs = capture_inputs(model, blocks[0], calib.batches(batch_size), device, offload_dir=offload_dir)
+            for name in outside:
+                release(model.get_submodule(name))
+            if done:
+                inputs.hidden.close()
+                from ..calibration.offload import store_from
+
+                inputs.hidden = store_from((h.to(device) if offload_dir is None else h for h in writer.saved_inputs()),
+                                           offload_dir)
+
+        def load(b, block):
+            return materialize(model, f"{prefix}.{b}", ckpt, dtype, device)
+
+        def finish(b, block, inp):
+            writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), _compressed(block, f"{prefix}.{b}."))
+            writer.extra["records"] = {p.stage.name: [r.__dict__ for r in p.records] for p in plans}
+            writer.extra["seconds"] = {p.stage.name: p.seconds for p in plans}
+            writer.block_done(b, inp.hidden if inp is not None else None)
+            release(block)
+
+        try:
+            run_blocks(prefix, blocks, steps, inputs, device, start=done, load=load, finish=finish, on_block=on_block)
+        finally:
+            if inputs is not None:
+                inputs.hidden.close()
+        tied = {}
+        for i, name in enumerate(outside):
+            materialize(model, name, ckpt, dtype, device)
+            view = modules_view(model, [name])
+            for p in plans:
+                if p.rest is not None:
+                    t0 = time.perf_counter()
+                    p.rest(view)
+                    p.seconds += time.perf_counter() - t0
+            new = view.get_submodule(name)
+            if new is not model.get_submodule(name):
+                from ..targets import set_submodule
+
+                set_submodule(model, name, new)
+            state = _cpu_state(new, f"{name}.")
+            for key in list(state):  # a tied copy (lm_head = embed_tokens) is written once
+                src_key = tied_sources(model).get(key)
+                if src_key is not None and src_key in writer.state["weight_map"] and key not in ckpt.tensors:
+                    tied[key] = src_key
+                    del state[key]
+            writer.write_shard(len(blocks) + i, state, _compressed(new, f"{name}."))
+            release(new)
+        for p in plans:
+            report.layers.extend(p.records)
+            report.stages.append(StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records)))
+            if on_stage is not None:
+                on_stage(report.stages[-1])
+        manifest = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                    "modules": writer.state["manifest"], "tied": tied}
+
+        def files(d: Path):
+            model.config.dtype = dtype
+            write_hf_files(d, model, manifest, tokenizer)
+            for name, data in (extra_files or {}).items():
+                (d / name).write_bytes(data)
+
+        report.size_bytes_after = int(writer.state.get("tensor_bytes", 0))
+        writer.finish(files)
+        return report
+    except InputError:
+        writer.abort()  # bad input (a truncated shard, a NaN tensor) leaves no partial output behind
+        raise
+

@@ -1,0 +1,39 @@
+"""What a stage did to each module (shared by the recipe runner, the block pipeline and the techniques'
+recipe stages, so none of them imports another's internals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+def tensor_bytes(m: nn.Module) -> int:
+    """Bytes of a module's state dict (parameters and persistent buffers)."""
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
+@dataclass
+class LayerRecord:
+    """What one stage did to one module."""
+
+    stage: str
+    module: str
+    kind: str
+    params: int
+    bytes_before: int
+    bytes_after: int
+    sqnr_db: float | None = None  # weight SQNR, float vs compressed
+    mse: float | None = None
+    bits_per_weight: float | None = None
+    # GPTQ: trace((W - W_hat) H (W - W_hat)^T) with H = 2 X^T X / tokens, the layer's output error
+    # on the calibration data (what GPTQ minimises)
+    gptq_loss: float | None = None
+
+
+@dataclass
+class StageRecord:
+    name: str
+    kind: str
+    seconds: float
+    modules: int
