@@ -162,8 +162,17 @@ def cmd_compress(args) -> int:
     recipe = load_recipe(args.recipe)  # bad recipes fail before the model loads
     calib_cfg = _calib_config(args, recipe)  # bad --calib specs fail before the model loads
     _check_outputs(args, "--out", "--json", "--report", "--offload-dir", dirs=("--out", "--report", "--offload-dir"))
+    from .pipeline.skeleton import resolve_device
+
+    device = resolve_device(args.device)  # --device cuda without CUDA fails before any work
+    src = _stream_source(args.model)
+    from .recipe.streaming import streamable
+
+    if src is not None and streamable(recipe) is None:
+        return _compress_streaming(args, recipe, calib_cfg, src, device)
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=_dtype_for(args, src))
+    lm.model.to(device)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
     fingerprint = _fingerprint(args, recipe)
     finished = _finished_run(args, fingerprint)
@@ -197,7 +206,7 @@ def cmd_compress(args) -> int:
             shutil.rmtree(state_dir)
     report.extra["model"] = lm.description
     report.extra["out"] = str(args.out)
-    report.extra["disk_bytes_after"] = dir_bytes(Path(args.out) / WEIGHTS_NAME)
+    report.extra["disk_bytes_after"] = _weights_bytes(args.out)
     if windows is not None:
         from . import telemetry
 
@@ -206,11 +215,122 @@ def cmd_compress(args) -> int:
         with telemetry.eval_scope(lm.model, reference, tel):  # no-op unless OTEL_* configured telemetry
             res = evaluate(lm.model, windows, ref_model=reference, progress=lambda n: bar.update(2 * n))
         bar.close()
-        telemetry.record_eval_result(res, tel)
-        report.extra.update(perplexity_before=res.perplexity_ref, perplexity_after=res.perplexity,
-                            kl_divergence=res.kl_divergence, top1_agreement=res.top1_agreement,
-                            eval={"text": windows.description, "windows": res.windows, "seq_len": res.seq_len,
-                                  "tokens": res.tokens})
+        _record_eval(report, recipe, windows, res)
+    return _finish_report(args, report)
+
+
+def _weights_bytes(out) -> int:
+    """Bytes of the weight files of a compress output (one file or shards)."""
+    return sum(f.stat().st_size for f in Path(out).glob("model*.safetensors"))
+
+
+def _stream_source(spec: str):
+    """The safetensors directory the block pipeline can stream ``--model`` from, else None (a .gguf,
+    a compress output, a directory without safetensors: those load whole)."""
+    from .formats.checkpoint import read_manifest
+    from .models import DEFAULT, _default_dir
+
+    path = _default_dir() if str(spec) == DEFAULT else Path(spec)
+    if not path.is_dir() or not (path / "config.json").is_file() or read_manifest(path) is not None:
+        return None
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return None
+    return path
+
+
+def _dtype_for(args, src):
+    """--dtype as a torch dtype (``auto``: the checkpoint's own dtype; float32 for GGUF and compress outputs)."""
+    import json
+
+    from .pipeline.skeleton import resolve_dtype
+
+    ckpt_dtype = None
+    if src is not None:
+        cfg = json.loads((Path(src) / "config.json").read_text())
+        name = cfg.get("torch_dtype") or cfg.get("dtype")
+        import torch
+
+        ckpt_dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return resolve_dtype(getattr(args, "dtype", "auto"), ckpt_dtype)
+
+
+def _compress_streaming(args, recipe, calib_cfg, src: Path, device) -> int:
+    """compress on the block pipeline: the checkpoint streams through the recipe one block at a time."""
+    from transformers import AutoTokenizer
+
+    from .pipeline.shards import Checkpoint
+    from .pipeline.skeleton import resolve_dtype
+    from .progress import BlockProgress, memory_summary
+    from .recipe.runner import Report
+    from .recipe.streaming import compress_checkpoint
+
+    ckpt = Checkpoint.open(src)  # missing / truncated shards fail here, before any work
+    dtype = resolve_dtype(args.dtype, ckpt.torch_dtype)
+    fingerprint = _fingerprint(args, recipe) + f"|{dtype}"
+    finished = _finished_run(args, fingerprint)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    except (OSError, ValueError):
+        tok = None
+    windows = _eval_windows(tok, args.eval, args.seq_len, args.eval_windows) if args.eval else None
+    desc = str(args.model)
+    if finished is not None:
+        _say(f"--resume: {args.out} already holds this run; skipping compression")
+        report = Report.from_dict(finished["report"])
+    else:
+        calib = None
+        if calib_cfg is not None:
+            from .models import load_model
+
+            if "self" in calib_cfg.sources:  # text sampled from the model needs the whole model once
+                lm = load_model(args.model, dtype=dtype)
+                calib = _build_calib(calib_cfg, lm)
+                del lm
+            else:
+                from .models import LoadedModel
+
+                calib = _build_calib(calib_cfg, LoadedModel(None, tok, desc))
+        _say(f"streaming {src} ({ckpt.total_bytes() / 2**30:.2f} GiB, {dtype}) through {recipe.name} on {device}, "
+             "one decoder block at a time")
+
+        def record(rep):
+            rep.extra.update(memory_summary(device))
+            if calib is not None:
+                rep.extra["calibration"] = calib.describe()
+            return {RUN_RECORD: json.dumps({"fingerprint": fingerprint, "report": rep.to_dict()}, indent=2).encode()}
+
+        report = compress_checkpoint(ckpt, recipe, args.out, calib=calib, device=device, dtype=dtype, tokenizer=tok,
+                                     resume=args.resume, offload_dir=args.offload_dir, extra_files=record,
+                                     on_block=BlockProgress("compress", device),
+                                     on_stage=lambda s: _say(f"stage {s.name} ({s.kind}): {s.modules} modules in {s.seconds:.2f}s"),
+                                     fingerprint_extra=fingerprint)
+    report.extra["model"] = desc
+    report.extra["out"] = str(args.out)
+    report.extra["disk_bytes_after"] = _weights_bytes(args.out)
+    report.extra["device"] = str(device)
+    report.extra["dtype"] = str(dtype).replace("torch.", "")
+    if windows is not None:
+        from .eval.streaming import evaluate_streaming
+
+        res = evaluate_streaming(args.out, windows, ref_dir=src, device=device, dtype=dtype,
+                                 progress=BlockProgress("eval", device))
+        _record_eval(report, recipe, windows, res)
+    report.extra.update(memory_summary(device))
+    return _finish_report(args, report)
+
+
+def _record_eval(report, recipe, windows, res) -> None:
+    from . import telemetry
+
+    tel = {"torchcompress.recipe.name": recipe.name, "torchcompress.eval.text": windows.description}
+    telemetry.record_eval_result(res, tel)
+    report.extra.update(perplexity_before=res.perplexity_ref, perplexity_after=res.perplexity,
+                        kl_divergence=res.kl_divergence, top1_agreement=res.top1_agreement,
+                        eval={"text": windows.description, "windows": res.windows, "seq_len": res.seq_len,
+                              "tokens": res.tokens})
+
+
+def _finish_report(args, report) -> int:
     d = report.to_dict()
     if args.json:
         _write_json(args.json, d)
@@ -237,7 +357,14 @@ def cmd_eval(args) -> int:
     from .models import load_model
 
     _check_outputs(args, "--json")
-    lm = load_model(args.model)
+    from .pipeline.skeleton import resolve_device
+
+    device = resolve_device(args.device)
+    path = _eval_stream_source(args.model)
+    if path is not None:
+        return _eval_streaming(args, path, device)
+    lm = load_model(args.model, dtype=_dtype_for(args, None))
+    lm.model.to(device)
     windows = _eval_windows(lm.tokenizer, args.text, args.seq_len, args.windows)
     from . import telemetry
 
@@ -248,6 +375,44 @@ def cmd_eval(args) -> int:
     bar.close()
     telemetry.record_eval_result(res, tel)
     d = {"model": lm.description, "text": windows.description, **res.to_dict()}
+    if args.json:
+        _write_json(args.json, d)
+    print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens ({res.windows} x {res.seq_len}) of {windows.description}")
+    return 0
+
+
+def _eval_stream_source(spec: str):
+    """A directory ``eval`` streams block by block: safetensors weights and a transformers config.json
+    (a Hugging Face model, or a compress output of one); None for .gguf files and other models."""
+    from .models import DEFAULT, _default_dir
+
+    path = _default_dir() if str(spec) == DEFAULT else Path(spec)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        return path
+    return None
+
+
+def _eval_streaming(args, path: Path, device) -> int:
+    from transformers import AutoTokenizer
+
+    from .eval.streaming import evaluate_streaming
+    from .pipeline.shards import Checkpoint
+    from .pipeline.skeleton import resolve_dtype
+    from .progress import BlockProgress, memory_summary
+
+    ckpt = Checkpoint.open(path)  # missing / truncated shards fail before any work
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError):
+        tok = None
+    windows = _eval_windows(tok, args.text, args.seq_len, args.windows)
+    dtype = resolve_dtype(args.dtype, ckpt.torch_dtype)
+    res = evaluate_streaming(path, windows, device=device, dtype=dtype, progress=BlockProgress("eval", device))
+    from . import telemetry
+
+    telemetry.record_eval_result(res, {"torchcompress.model.name": str(args.model),
+                                       "torchcompress.eval.text": windows.description})
+    d = {"model": str(args.model), "text": windows.description, **res.to_dict(), **memory_summary(device)}
     if args.json:
         _write_json(args.json, d)
     print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens ({res.windows} x {res.seq_len}) of {windows.description}")
@@ -345,6 +510,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _device_flags(p) -> None:
+    p.add_argument("--device", default="auto", help="where compression / evaluation runs: auto (CUDA when present), "
+                   "cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights' dtype while working (auto: the checkpoint's torch_dtype); Hessians, Cholesky, GPTQ "
+                   "and SparseGPT updates and SVD stay float32 per layer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="torchcompress", description="Compress PyTorch / Hugging Face models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -367,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a killed GPTQ run continues from OUT.state after its last finished block (refused if they differ)")
     c.add_argument("--offload-dir", help="keep calibration activations on disk here between decoder blocks instead "
                    "of in memory (layer-by-layer stages; for long calibration sets on big models)")
+    _device_flags(c)
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")
@@ -375,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive("--seq-len"), default=512)
     e.add_argument("--windows", type=_positive("--windows"), default=32)
     e.add_argument("--json")
+    _device_flags(e)
     e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("info", help="what a compressed directory, model directory or .gguf file holds")

@@ -62,7 +62,7 @@ def test_padding_does_not_enter_hessians(setup):
         from torchcompress.pipeline.skeleton import find_blocks
 
         prefix, blocks = find_blocks(ref)
-        inputs = capture_inputs(ref, blocks[0], calib.batches(2), "cpu")
+        inputs = capture_inputs(ref, blocks, calib.batches(2), "cpu")
         named = {"q": blocks[0].self_attn.q_proj, "down": blocks[0].mlp.down_proj}
         stats = BlockContext(blocks[0], f"{prefix}.0.", inputs, "cpu").collect(named, "hessian")
         return {n: s.hessian() for n, s in stats.items()}, {n: s.tokens for n, s in stats.items()}

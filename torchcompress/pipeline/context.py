@@ -38,33 +38,61 @@ def to_device(obj, device):
 @dataclass
 class BlockInputs:
     hidden: ActivationStore  # per batch: (B, L, D)
-    kwargs: list = field(default_factory=list)  # per batch: the block call's keyword arguments (CPU)
+    kwargs: list = field(default_factory=list)  # per batch: the first block's keyword arguments (masks, rotary)
     masks: list = field(default_factory=list)  # per batch: (B, L) attention mask, 1 on real tokens
+    # block index -> per batch kwargs, for blocks that get other ones than the first (Gemma's sliding
+    # and global layers get different masks and rotary tables)
+    block_kwargs: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.hidden)
 
+    def kwargs_for(self, block: int, i: int) -> dict:
+        per = self.block_kwargs.get(block)
+        return per[i] if per is not None else self.kwargs[i]
+
+
+def _same(a, b) -> bool:
+    """The same keyword arguments: identical tensor objects (the model passes one mask to every layer)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, first_block: nn.Module, batches, device, offload_dir=None,
-                   keep_on=None) -> BlockInputs:
-    """What ``first_block`` receives for every ``(ids, mask)`` batch, captured before it runs.
+def capture_inputs(model: nn.Module, blocks, batches, device, offload_dir=None, keep_on=None) -> BlockInputs:
+    """What the decoder ``blocks`` receive for every ``(ids, mask)`` batch: the first block's hidden
+    states, and every block's keyword arguments. No block runs: each is replaced by a pass-through
+    for the capture (so blocks may still be on the meta device); the forward stops after the last.
 
     Hidden states go to ``keep_on`` (default: ``device``) or to disk under ``offload_dir``."""
     got = BlockInputs(ActivationStore(offload_dir))
     keep_on = device if keep_on is None else keep_on
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList):
+        blocks = [blocks]
+    per_block: list[list] = [[] for _ in blocks]
 
-    def hook(_mod, args, kwargs):
-        kw = dict(kwargs)
-        hidden = args[0] if args else kw.pop("hidden_states")
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
-        kw["use_cache"] = False
-        got.hidden.append(hidden.detach().to(keep_on))
-        got.kwargs.append(to_device(kw, "cpu"))
-        raise StopForward
+    def passthrough(b):
+        def fn(*args, **kwargs):
+            kw = dict(kwargs)
+            hidden = args[0] if args else kw.pop("hidden_states")
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            kw["use_cache"] = False
+            if b == 0:
+                got.hidden.append(hidden.detach().to(keep_on))
+            per_block[b].append(kw)
+            if b == len(blocks) - 1:
+                raise StopForward
+            return hidden
+        return fn
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    for b, block in enumerate(blocks):
+        block.forward = passthrough(b)  # an instance attribute: nn.Module.__call__ finds it first
     try:
         for ids, mask in batches:
             got.masks.append(mask.cpu())
@@ -73,22 +101,29 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches, device, of
             except StopForward:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
+    for b in range(len(blocks)):
+        if b and not all(_same(x, y) for x, y in zip(per_block[b], per_block[0])):
+            got.block_kwargs[b] = [to_device(kw, "cpu") for kw in per_block[b]]
+    got.kwargs = [to_device(kw, "cpu") for kw in per_block[0]]
     return got
 
 
 class BlockContext:
     """A decoder block on the execution device and the activations entering it."""
 
-    def __init__(self, block: nn.Module, prefix: str, inputs: BlockInputs, device):
+    def __init__(self, block: nn.Module, prefix: str, inputs: BlockInputs, device, index: int = 0):
         self.block = block
         self.prefix = prefix  # "model.layers.3."
         self.inputs = inputs
         self.device = torch.device(device)
+        self.index = index  # the block's position in the stack
 
     def forward(self, i: int) -> torch.Tensor:
         """Batch ``i`` through the block (its current weights)."""
-        out = self.block(self.inputs.hidden[i].to(self.device), **to_device(self.inputs.kwargs[i], self.device))
+        kw = to_device(self.inputs.kwargs_for(self.index, i), self.device)
+        out = self.block(self.inputs.hidden[i].to(self.device), **kw)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()

@@ -44,7 +44,7 @@ def run_blocks(prefix: str, blocks, steps: list[BlockStep], inputs: BlockInputs 
         block = blocks[b]
         if load is not None:
             block = load(b, block) or block
-        ctx = BlockContext(block, f"{prefix}.{b}.", inputs, device)
+        ctx = BlockContext(block, f"{prefix}.{b}.", inputs, device, b)
         with torch.no_grad():
             original = ctx.outputs() if inputs is not None and any(s.propagate_original for s in steps) else None
             for s in steps:
@@ -76,7 +76,7 @@ def run_in_memory(model: nn.Module, steps: list[BlockStep], calib, *, batch_size
     dev = model_device(model)
     inputs = None
     if any(s.needs_forward for s in steps):
-        inputs = capture_inputs(model, blocks[0], calib.batches(batch_size), dev, offload_dir=offload_dir, keep_on="cpu")
+        inputs = capture_inputs(model, blocks, calib.batches(batch_size), dev, offload_dir=offload_dir, keep_on="cpu")
     start = 0
     if state is not None and state.done:
         log.info("resuming after block %d/%d from %s", state.done, len(blocks), state.dir)

@@ -58,7 +58,11 @@ def _data_free(stage: Stage, runner: Callable, records: list) -> tuple[BlockStep
     def apply(ctx):
         runner(block_view(ctx.prefix, ctx.block), stage, records, None)
 
-    return BlockStep(apply, needs_forward=False, name=stage.name), (lambda view: runner(view, stage, records, None))
+    def rest(view):  # the embeddings, norm and head: only when the stage's targets pick one of them
+        if any(isinstance(m, nn.Linear) for m in view.modules()):
+            runner(view, stage, records, None)
+
+    return BlockStep(apply, needs_forward=False, name=stage.name), rest
 
 
 def _plan_stage(stage: Stage, n_layers: int, records: list) -> _Plan:
@@ -165,7 +169,7 @@ def _cpu_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.device("cpu"),
                         dtype: torch.dtype = torch.float32, tokenizer=None, resume: bool = False, offload_dir=None,
-                        batch_size: int = 8, extra_files: dict[str, bytes] | None = None,
+                        batch_size: int = 8, extra_files=None,
                         on_block: Callable[[int, int], None] | None = None, on_stage: Callable | None = None,
                         fingerprint_extra: str = "") -> Report:
     """Apply ``recipe`` to the checkpoint directory ``src`` block by block and write ``out``."""
@@ -198,7 +202,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
             for name in outside:
                 if not name.endswith("lm_head"):
                     materialize(model, name, ckpt, dtype, device)
-            inputs = capture_inputs(model, blocks[0], calib.batches(batch_size), device, offload_dir=offload_dir)
+            inputs = capture_inputs(model, blocks, calib.batches(batch_size), device, offload_dir=offload_dir)
             for name in outside:
                 release(model.get_submodule(name))
             if done:
@@ -256,7 +260,8 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
         def files(d: Path):
             model.config.dtype = dtype
             write_hf_files(d, model, manifest, tokenizer)
-            for name, data in (extra_files or {}).items():
+            files_ = extra_files(report) if callable(extra_files) else (extra_files or {})
+            for name, data in files_.items():
                 (d / name).write_bytes(data)
 
         report.size_bytes_after = int(writer.state.get("tensor_bytes", 0))
