@@ -487,6 +487,9 @@ def cmd_export(args) -> int:
     if not str(args.out).endswith(".gguf"):
         raise InputError(f"--out {args.out}: must be a .gguf file name")
     _check_outputs(args, "--out")
+    src = _stream_source(args.model)
+    if src is not None and not args.imatrix:
+        return _export_gguf_streaming(args, ft, src)
     t0 = time.perf_counter()
     lm = load_model(args.model)
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
@@ -516,6 +519,39 @@ def _device_flags(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights' dtype while working (auto: the checkpoint's torch_dtype); Hessians, Cholesky, GPTQ "
                    "and SparseGPT updates and SVD stay float32 per layer")
+
+
+def _export_gguf_streaming(args, ft, src: Path) -> int:
+    """GGUF export of a safetensors checkpoint, one tensor in memory at a time."""
+    from transformers import AutoTokenizer
+
+    from .formats.gguf_write import export_gguf
+    from .models import DEFAULT, default_gguf_path
+    from .pipeline.shards import Checkpoint, LazyWeights
+    from .pipeline.skeleton import build_skeleton
+    from .progress import memory_summary
+
+    ckpt = Checkpoint.open(src)  # missing / truncated shards fail here
+    skeleton = build_skeleton(ckpt, ckpt.torch_dtype or torch_float32())
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    except (OSError, ValueError):
+        tok = None
+    t0 = time.perf_counter()
+    res = export_gguf(skeleton, tok, args.out, ft, pure=args.pure, leave_output=args.leave_output,
+                      tokenizer_from=default_gguf_path() if str(args.model) == DEFAULT else None,
+                      tokenizer_pre=args.tokenizer_pre, weights=LazyWeights(skeleton, ckpt))
+    mem = memory_summary("cpu")
+    print(f"wrote {res.path} ({ft.name}, {res.file_size / 2**20:.1f} MiB, {len(res.types)} tensors: "
+          + _type_counts(res.types) + f") in {time.perf_counter() - t0:.1f}s, streamed from {src} "
+          f"(peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB)")
+    return 0
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
 
 
 def build_parser() -> argparse.ArgumentParser:

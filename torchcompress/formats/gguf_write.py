@@ -164,6 +164,7 @@ def export_gguf(
     name: str | None = None,
     alignment: int = DEFAULT_ALIGNMENT,
     importance: dict[str, torch.Tensor] | None = None,
+    weights=None,
 ) -> ExportResult:
     """Write ``model`` (a float transformers Llama) as a .gguf of llama.cpp file type ``qtype``.
 
@@ -175,12 +176,18 @@ def export_gguf(
     :func:`torchcompress.calibration.imatrix.compute_imatrix`); tensors planned as K-quants or
     Q4_0/Q4_1/Q5_0/Q5_1 are then quantized with ggml's importance-weighted search
     (``quantize_<type>(..., quant_weights)``, as llama.cpp's quantizer does with ``--imatrix``).
+
+    ``weights``: where tensors come from, a mapping read one name at a time (the block pipeline
+    passes a checkpoint on disk and a meta-device ``model``: one tensor in memory at a time);
+    default: the model's own float tensors.
     """
 
     _check_model(model)
     ft = qtype if isinstance(qtype, FileType) else parse_file_type(qtype)
     cfg = model.config
-    weights = _float_weights(model)
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    if weights is None:
+        weights = _float_weights(model)
     sources = _tensor_sources(model)
     missing = [hf for _, hf, _ in sources if hf not in weights]
     if missing:
@@ -189,7 +196,7 @@ def export_gguf(
                           tied="output.weight" not in {g for g, _, _ in sources})
     plans, by_name = [], {}
     for gg, hf, heads in sources:
-        shape = tuple(weights[hf].shape)
+        shape = shapes[hf]
         plans.append(TensorPlan(gg, shape, planner.choose(gg, shape)))
         by_name[gg] = (hf, heads)
 

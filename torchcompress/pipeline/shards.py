@@ -184,3 +184,27 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(raw) + offset
+
+
+class LazyWeights:
+    """``{model tensor name: tensor}`` read from a checkpoint on access, never all at once."""
+
+    def __init__(self, model, ckpt: Checkpoint, dtype: torch.dtype | None = None):
+        self.model, self.ckpt, self.dtype = model, ckpt, dtype
+
+    def _key(self, name: str) -> str | None:
+        from .skeleton import checkpoint_key
+
+        try:
+            return checkpoint_key(self.model, self.ckpt, name)
+        except FormatError:
+            return None
+
+    def __contains__(self, name: str) -> bool:
+        return self._key(name) is not None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._key(name)
+        if key is None:
+            raise KeyError(name)
+        return self.ckpt.get(key, dtype=self.dtype)
