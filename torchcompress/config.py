@@ -144,6 +144,7 @@ class QATConfig:
 
 
 # The one name -> config class table for recipes (`kind:` of a stage). Techniques add theirs here.
+# the core stage kinds; the full name -> config table (every technique's) is recipe/registry.py
 STAGE_KINDS: dict[str, type] = {"rtn": RTNConfig, "qat_prepare": QATConfig}
 
 
@@ -183,19 +184,7 @@ class GPTQConfig:
 
 STAGE_KINDS["gptq"] = GPTQConfig
 
-from .quant.gguf_config import GGUFConfig  # noqa: E402  (GGUF block quantization, issue #3)
 
-STAGE_KINDS["gguf"] = GGUFConfig
-
-from .prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig  # noqa: E402  (issue #6)
-
-STAGE_KINDS.update(prune_magnitude=MagnitudePruneConfig, wanda=WandaConfig, sparsegpt=SparseGPTConfig,
-                   prune_structured=StructuredPruneConfig)
-
-from .lowrank.config import LoRAConfig, SVDConfig  # noqa: E402  (low-rank, issue #8)
-
-STAGE_KINDS.update(lora=LoRAConfig, svd=SVDConfig)
-
-from .training.config import DistillConfig, QATTrainConfig  # noqa: E402  (training-time compression, issue #7)
-
-STAGE_KINDS.update(qat=QATTrainConfig, distill=DistillConfig)
+# public names for the validation helpers the techniques' configs share
+check_int = _check_int
+targets_tuple = _targets_tuple

@@ -14,7 +14,7 @@ import typing
 import pytest
 
 from torchcompress.cli import main
-from torchcompress.config import STAGE_KINDS
+from torchcompress.recipe.registry import STAGE_KINDS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

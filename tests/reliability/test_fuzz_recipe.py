@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.reliability._fuzz import fuzz, json_values, no_hang
-from torchcompress.config import STAGE_KINDS
+from torchcompress.recipe.registry import STAGE_KINDS
 from torchcompress.errors import InputError, RecipeError
 from torchcompress.recipe.schema import BUNDLED_DIR, parse_recipe
 

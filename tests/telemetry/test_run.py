@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from torchcompress.recipe import compress, parse_recipe
+from torchcompress.recipe import registry
 from torchcompress.recipe import runner as runner_mod
 from torchcompress.telemetry import names as N
 
@@ -95,14 +96,14 @@ def test_metrics_units_and_values(otel):
 def test_a_failing_stage_is_recorded_on_its_span(otel, monkeypatch):
     from torchcompress.config import RTNConfig
 
-    real = runner_mod._RUNNERS[RTNConfig]
+    real = registry.RUNNERS[RTNConfig]
 
     def boom(model, stage, records, calib):
         if stage.name == "w4-rest":
             raise RuntimeError("kernel exploded")
         real(model, stage, records, calib)
 
-    monkeypatch.setitem(runner_mod._RUNNERS, RTNConfig, boom)
+    monkeypatch.setitem(registry.RUNNERS, RTNConfig, boom)
     with pytest.raises(RuntimeError, match="kernel exploded"):
         compress(_model(), parse_recipe(RECIPE))
     spans = _by_name(otel.spans())

@@ -143,3 +143,6 @@ def drop_layers_(model: nn.Module, keep) -> tuple[int, ...]:
         if getattr(cfg, "layer_types", None) is not None:
             cfg.layer_types = [cfg.layer_types[i] for i in idx]
     return idx
+
+
+layer_stack = _layer_stack  # public name: (prefix, decoder layer list) of a model

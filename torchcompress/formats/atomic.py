@@ -133,3 +133,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if err is not None:
             raise err from None
         raise
+
+
+def publish_directory(staging: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make the filled directory ``staging`` (a sibling of ``path``) become ``path``: fsync every
+    file, then swap it in with renames (the old ``path`` is moved aside first and deleted last)."""
+    staging, path = Path(staging), Path(path)
+    for f in staging.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(staging)
+    _public_modes(staging)
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.rmdir(old)
+        os.rename(path, old)
+    os.rename(staging, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path

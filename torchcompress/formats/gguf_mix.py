@@ -156,3 +156,6 @@ class TypePlanner:
                 return GGMLType.Q5_K
             return t
         return t
+
+
+fallback_type = _fallback  # public name: llama.cpp's shape fallback (GGUF QAT applies it too)

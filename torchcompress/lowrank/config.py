@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import _check_int, _targets_tuple
+from ..config import check_int, targets_tuple
 from ..errors import ConfigError
 
 LORA_INITS = ("default", "gaussian")
@@ -45,10 +45,10 @@ class LoRAConfig:
     init: str = "default"
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _targets_tuple("targets", self.targets))
+        object.__setattr__(self, "targets", targets_tuple("targets", self.targets))
         if not self.targets:
             raise ConfigError("targets", "must name at least one module")
-        if _check_int("r", self.r) < 1:
+        if check_int("r", self.r) < 1:
             raise ConfigError("r", f"must be a positive integer, got {self.r}")
         _check_number("alpha", self.alpha, 0.0, 1e6, lo_open=True)
         _check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
@@ -85,7 +85,7 @@ class SVDConfig:
         given = [n for n in ("rank", "energy", "param_ratio") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ConfigError("rank", f"give exactly one of rank, energy, param_ratio (got {', '.join(given) or 'none'})")
-        if self.rank is not None and _check_int("rank", self.rank) < 1:
+        if self.rank is not None and check_int("rank", self.rank) < 1:
             raise ConfigError("rank", f"must be a positive integer, got {self.rank}")
         if self.energy is not None:
             _check_number("energy", self.energy, 0.0, 1.0, lo_open=True)

@@ -128,13 +128,13 @@ class QuantLinear(nn.Module):
         return fake_quantize_ste(self.weight, self.scheme)
 
     def _set_packed_lsq(self, w: torch.Tensor, name: str) -> None:
-        from ..primitives.affine import _sanitize_scale, check_finite, quantize_with_qparams
+        from ..primitives.affine import check_finite, quantize_with_qparams, sanitize_scale
 
         check_finite(w, name)
         check_finite(self.weight_scale.detach(), f"{name}_scale")
         if bool((self.weight_scale <= 0).any()):
             raise NumericError(f"{name}_scale", "a learned step size is <= 0 (learning rate too high for the scales?)")
-        scale = _sanitize_scale(self.weight_scale.detach().float(), self.scheme.torch_scale_dtype)
+        scale = sanitize_scale(self.weight_scale.detach().float(), self.scheme.torch_scale_dtype)
         zero = None if self.weight_zero is None else self.weight_zero.round().to(torch.uint8)
         codes = quantize_with_qparams(w, scale, zero, self.scheme.bits, self.group_size)
         for key in ("qweight", "scale", "zero"):

@@ -53,10 +53,12 @@ def _sources() -> list[Path]:
 
 
 def build_key() -> str:
-    """Hash of everything the binary depends on: sources, torch and Python versions, flags."""
+    """Hash of everything the binary depends on: sources, torch and Python versions, flags, and where
+    the sources are (torch's build files name the source paths: two checkouts sharing one build
+    directory would rebuild it for each other on every load)."""
     import torch
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(SOURCE_DIR.resolve()).encode())
     for path in sorted(SOURCE_DIR.glob("*.cpp")) + sorted(SOURCE_DIR.glob("*.h")):
         h.update(path.name.encode())
         h.update(path.read_bytes())

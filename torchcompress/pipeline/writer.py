@@ -105,7 +105,7 @@ class ShardWriter:
 
     def finish(self, write_files) -> Path:
         """Write the index and ``write_files(directory)`` (config, tokenizer), then swap into ``out``."""
-        from ..formats.atomic import _fsync_dir, _public_modes
+        from ..formats.atomic import publish_directory
 
         total = sum((self.dir / f).stat().st_size for f in set(self.state["weight_map"].values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.state["weight_map"].items()))}
@@ -114,21 +114,7 @@ class ShardWriter:
         for p in list(self.dir.glob("inputs-*")):
             shutil.rmtree(p, ignore_errors=True)
         (self.dir / STATE).unlink(missing_ok=True)
-        for f in self.dir.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(self.dir)
-        _public_modes(self.dir)
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(self.out, old)
-        os.rename(self.dir, self.out)
-        _fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_directory(self.dir, self.out)
         return self.out
 
     def abort(self) -> None:

@@ -198,3 +198,6 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype (no gradient handling; see nn.ste)."""
     q = quantize_affine(w, scheme)
     return dequantize_affine(q.codes, q.scale, q.zero, scheme.bits, q.group_size, w.dtype)
+
+
+sanitize_scale = _sanitize_scale  # public name (nn/ uses it for learned step sizes)

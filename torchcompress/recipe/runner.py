@@ -14,11 +14,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..api import quantize_
-from ..config import QATConfig, RTNConfig
 from ..eval.metrics import mse, sqnr
 from ..eval.size import bytes_by_module_type, model_bytes
 from ..records import LayerRecord, StageRecord, tensor_bytes  # noqa: F401  (public here too)
+from .registry import RUNNERS
 from .schema import Recipe, Stage
 
 log = logging.getLogger(__name__)
@@ -57,75 +56,6 @@ class Report:
         return rep
 
 
-def record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -> Callable:
-    def on_module(name: str, old: nn.Module, new: nn.Module) -> None:
-        w = old.weight.detach()
-        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
-        if getattr(new, "is_packed", False):
-            w_hat = new.dequantize(torch.float32)
-            rec.sqnr_db = sqnr(w, w_hat)
-            rec.mse = mse(w, w_hat)
-            rec.bits_per_weight = new.weight_bits() / w.numel()
-        if gptq_losses is not None:
-            rec.gptq_loss = gptq_losses.pop(name, None)
-        records.append(rec)
-
-    return on_module
-
-
-def _run_quantize(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
-    quantize_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records))
-
-
-# stage config type -> runner(model, stage, records, calib_data); techniques add theirs here.
-_RUNNERS: dict[type, Callable] = {RTNConfig: _run_quantize, QATConfig: _run_quantize}
-
-
-def _run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
-    from ..calibration.runner import gptq_model
-
-    state = getattr(calib_data, "state_dir", None)
-    losses: dict = {}  # filled just before each on_module call, so the record (and its span) carries it
-    gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
-               on_module=record_quant(stage, records, losses), on_loss=losses.__setitem__,
-               state_dir=None if state is None else f"{state}/{stage.name}",
-               offload_dir=getattr(calib_data, "offload_dir", None))
-
-
-from ..config import GPTQConfig  # noqa: E402
-
-_RUNNERS[GPTQConfig] = _run_gptq
-
-
-def _run_gguf(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
-    from ..quant.gguf import quantize_gguf_
-
-    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records),
-                   calib=calib_data)
-
-
-from ..config import GGUFConfig  # noqa: E402
-
-_RUNNERS[GGUFConfig] = _run_gguf
-
-
-def _run_qat(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
-    from ..training.stages import run_qat
-
-    run_qat(model, stage, records, calib_data)
-
-
-def _run_distill(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
-    from ..training.stages import run_distill
-
-    run_distill(model, stage, records, calib_data)
-
-
-from ..config import DistillConfig, QATTrainConfig  # noqa: E402  (issue #7)
-
-_RUNNERS.update({QATTrainConfig: _run_qat, DistillConfig: _run_distill})
-
-
 def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Callable | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place and return a :class:`Report`.
 
@@ -139,7 +69,7 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
     tel = for_run(recipe)  # OpenTelemetry spans compress > stage > layer (from the LayerRecords) + metrics; no-op when off
     with tel.run(report, calib_data):
         for i, stage in enumerate(recipe.stages):
-            runner = _RUNNERS[type(stage.config)]
+            runner = RUNNERS[type(stage.config)]
             start = time.perf_counter()
             before = len(report.layers)
             with torch.no_grad(), tel.stage(i, stage, report.layers) as records:
@@ -171,11 +101,3 @@ def _check_composes(recipe: Recipe, stage: Stage, earlier: list) -> None:
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy to keep as the uncompressed reference (for KL divergence)."""
     return copy.deepcopy(model)
-
-from ..prune.stages import PRUNE_CONFIGS, run_prune_stage  # noqa: E402  (pruning, issue #6)
-
-_RUNNERS.update({cfg: run_prune_stage for cfg in PRUNE_CONFIGS})
-
-from ..lowrank.stages import LOWRANK_RUNNERS  # noqa: E402  (low-rank, issue #8)
-
-_RUNNERS.update(LOWRANK_RUNNERS)

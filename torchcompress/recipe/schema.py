@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..config import STAGE_KINDS
 from ..errors import ConfigError, InputError, RecipeError
 from .yaml_lines import LList, LMap, load_yaml_with_lines
 
@@ -90,6 +89,8 @@ def _build_stage(raw, index: int, source: str) -> Stage:
     if not isinstance(raw, dict):
         raise RecipeError(f"stages[{index}]: expected a mapping", source, _line(raw))
     kind = raw.get("kind")
+    from .registry import STAGE_KINDS
+
     if not isinstance(kind, str) or kind not in STAGE_KINDS:
         raise RecipeError(f"stages[{index}].kind: {kind!r} is not a stage kind (allowed: {', '.join(sorted(STAGE_KINDS))})",
                           source, _line(raw, "kind"))

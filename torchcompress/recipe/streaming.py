@@ -31,7 +31,8 @@ from ..pipeline.shards import Checkpoint
 from ..pipeline.skeleton import build_skeleton, find_blocks, materialize, release, tied_sources
 from ..pipeline.view import block_view, modules_view
 from ..records import LayerRecord, StageRecord
-from .runner import Report, record_quant
+from .runner import Report
+from .stage_runners import record_quant
 from .schema import Recipe, Stage
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _plan_stage(stage: Stage, n_layers: int, records: list) -> _Plan:
     cfg = stage.config
     ignore = DEFAULT_IGNORE if stage.ignore is None else stage.ignore
     if isinstance(cfg, (RTNConfig, QATConfig)) and type(cfg) in (RTNConfig, QATConfig):
-        from .runner import _run_quantize as runner  # noqa: PLC2701  (same package)
+        from .stage_runners import run_quantize as runner
 
         return _Plan(stage, *_data_free(stage, runner, records), records)
     if isinstance(cfg, GPTQConfig):

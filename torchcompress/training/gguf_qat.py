@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..formats.gguf_mix import _fallback  # llama.cpp's shape fallback, the one TypePlanner applies
+from ..formats.gguf_mix import fallback_type  # llama.cpp's shape fallback, the one TypePlanner applies
 from ..nn.gguf_qat import GGUFQATLinear
 from ..primitives.gguf_common import GGMLType
 from .config import GGUFQATConfig
@@ -18,7 +18,7 @@ from .config import GGUFQATConfig
 
 def block_type_for(qtype: GGMLType, in_features: int) -> GGMLType:
     """The block type a layer with rows of ``in_features`` gets (F16: none fits, stays float)."""
-    return _fallback(GGMLType(qtype), in_features)
+    return fallback_type(GGMLType(qtype), in_features)
 
 
 def gguf_qat_module(linear: nn.Linear, cfg: GGUFQATConfig, name: str) -> nn.Module:

@@ -61,7 +61,7 @@ def run_qat(model: nn.Module, stage, records: list, calib_data) -> None:
 
 def run_distill(model: nn.Module, stage, records: list, calib_data) -> None:
     from ..distill.distiller import Distiller
-    from ..distill.progressive import _layer_stack, drop_layers_
+    from ..distill.progressive import drop_layers_, layer_stack
     from ..distill.self_distill import EMATeacher
     from ..records import LayerRecord
 
@@ -73,7 +73,7 @@ def run_distill(model: nn.Module, stage, records: list, calib_data) -> None:
     if cfg.teacher == "copy":
         teacher = copy.deepcopy(model).eval()
     if cfg.keep is not None:
-        n_before = len(_layer_stack(model)[1])
+        n_before = len(layer_stack(model)[1])
         kept = drop_layers_(model, cfg.keep)
         log.info("stage %s: student keeps %d of %d layers: %s", stage.name, len(kept), n_before, list(kept))
     if cfg.teacher == "ema":

@@ -1,0 +1,82 @@
+"""A streamed GPTQ run killed with SIGKILL after a block resumes from the last finished block and
+ends with the output of an uninterrupted run, byte for byte."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from torchcompress.cli import main
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import torchcompress.recipe.streaming as s
+    from torchcompress.cli import main
+
+    real = s.compress_checkpoint
+    def killing(*a, **k):
+        inner = k["on_block"]
+        def on_block(b, n):
+            inner(b, n)
+            if b == int(os.environ["KILL_AFTER_BLOCK"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+        k["on_block"] = on_block
+        return real(*a, **k)
+    s.compress_checkpoint = killing
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny import make_tokenizer, tiny_config
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok), num_hidden_layers=4))
+    d = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save_pretrained(d, max_shard_size="150KB")
+    tok.save_pretrained(d)
+    return d
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix in (".safetensors", ".json")
+            and p.name != "run.json"}
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_sigkill_then_resume_equals_uninterrupted(src, tmp_path, offload):
+    args = ["compress", "--model", str(src), "--recipe", "w4-gptq-g128", "--calib", "pydoc", "--calib-samples", "8",
+            "--seq-len", "32", "--device", "cpu"]
+    if offload:
+        args += ["--offload-dir", str(tmp_path / "act")]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "KILL_AFTER_BLOCK": "1", "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert not out.exists()  # no torn output: only the partial state
+    state = (tmp_path / "out.partial" / "state.json").read_text()
+    assert '"done_blocks": 2' in state
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    assert not (tmp_path / "out.partial").exists()
+    ref, got = _files(tmp_path / "ref"), _files(out)
+    assert ref.keys() == got.keys()
+    assert all(ref[k] == got[k] for k in ref), [k for k in ref if ref[k] != got[k]]
+
+
+def test_resume_refuses_other_settings(src, tmp_path, capsys):
+    args = ["compress", "--model", str(src), "--recipe", "w4-gptq-g128", "--calib", "pydoc", "--calib-samples", "8",
+            "--seq-len", "32", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "KILL_AFTER_BLOCK": "0", "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL
+    rc = main(args[:-4] + ["--seq-len", "16", "--out", str(tmp_path / "out"), "--resume"])
+    assert rc == 2 and "refusing to resume" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Every recipe stage kind in one explicit table: YAML ``kind`` -> config class -> runner.
+
+A new technique adds its line here (and nowhere else): its config class in :data:`STAGE_KINDS`
+and its ``runner(model, stage, records, calib_data)`` in :data:`RUNNERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..config import STAGE_KINDS as CORE_KINDS
+from ..config import GPTQConfig, QATConfig, RTNConfig
+from ..lowrank.config import LoRAConfig, SVDConfig
+from ..lowrank.stages import run_lora_stage, run_svd_stage
+from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
+from ..prune.stages import run_prune_stage
+from ..quant.gguf_config import GGUFConfig
+from ..training.config import DistillConfig, QATTrainConfig
+from .stage_runners import run_distill, run_gguf, run_gptq, run_qat, run_quantize
+
+STAGE_KINDS: dict[str, type] = {
+    **CORE_KINDS,  # rtn, qat_prepare (and any kind a config module registers beside its class)
+    "gptq": GPTQConfig,
+    "gguf": GGUFConfig,
+    "prune_magnitude": MagnitudePruneConfig,
+    "wanda": WandaConfig,
+    "sparsegpt": SparseGPTConfig,
+    "prune_structured": StructuredPruneConfig,
+    "lora": LoRAConfig,
+    "svd": SVDConfig,
+    "qat": QATTrainConfig,
+    "distill": DistillConfig,
+}
+
+RUNNERS: dict[type, Callable] = {
+    RTNConfig: run_quantize,
+    QATConfig: run_quantize,
+    GPTQConfig: run_gptq,
+    GGUFConfig: run_gguf,
+    MagnitudePruneConfig: run_prune_stage,
+    WandaConfig: run_prune_stage,
+    SparseGPTConfig: run_prune_stage,
+    StructuredPruneConfig: run_prune_stage,
+    LoRAConfig: run_lora_stage,
+    SVDConfig: run_svd_stage,
+    QATTrainConfig: run_qat,
+    DistillConfig: run_distill,
+}

@@ -1,0 +1,65 @@
+"""The recipe runners of the quantization stages: ``runner(model, stage, records, calib_data)``
+applies the stage in place and appends a :class:`~torchcompress.records.LayerRecord` per module."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..api import quantize_
+from ..eval.metrics import mse, sqnr
+from ..records import LayerRecord, tensor_bytes
+from .schema import Stage
+
+
+def record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -> Callable:
+    """``on_module`` for a quantization stage (weight SQNR/MSE of packed modules, GPTQ's layer loss)."""
+    def on_module(name: str, old: nn.Module, new: nn.Module) -> None:
+        w = old.weight.detach()
+        rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
+        if getattr(new, "is_packed", False):
+            w_hat = new.dequantize(torch.float32)
+            rec.sqnr_db = sqnr(w, w_hat)
+            rec.mse = mse(w, w_hat)
+            rec.bits_per_weight = new.weight_bits() / w.numel()
+        if gptq_losses is not None:
+            rec.gptq_loss = gptq_losses.pop(name, None)
+        records.append(rec)
+
+    return on_module
+
+
+def run_quantize(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    quantize_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records))
+
+
+def run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.gptq import gptq_model
+
+    state = getattr(calib_data, "state_dir", None)
+    losses: dict = {}  # filled just before each on_module call, so the record (and its span) carries it
+    gptq_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
+               on_module=record_quant(stage, records, losses), on_loss=losses.__setitem__,
+               state_dir=None if state is None else f"{state}/{stage.name}",
+               offload_dir=getattr(calib_data, "offload_dir", None))
+
+
+def run_gguf(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.gguf import quantize_gguf_
+
+    quantize_gguf_(model, stage.config, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records),
+                   calib=calib_data)
+
+
+def run_qat(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..training.stages import run_qat as run
+
+    run(model, stage, records, calib_data)
+
+
+def run_distill(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..training.stages import run_distill as run
+
+    run(model, stage, records, calib_data)
