@@ -266,6 +266,7 @@ def _compress_streaming(args, recipe, calib_cfg, src: Path, device) -> int:
 
     ckpt = Checkpoint.open(src)  # missing / truncated shards fail here, before any work
     dtype = resolve_dtype(args.dtype, ckpt.torch_dtype)
+    device = _init_distributed(device)
     fingerprint = _fingerprint(args, recipe) + f"|{dtype}"
     finished = _finished_run(args, fingerprint)
     try:
@@ -317,6 +318,24 @@ def _compress_streaming(args, recipe, calib_cfg, src: Path, device) -> int:
         _record_eval(report, recipe, windows, res)
     report.extra.update(memory_summary(device))
     return _finish_report(args, report)
+
+
+def _init_distributed(device):
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU); each
+    rank takes its own GPU (LOCAL_RANK). Calibration samples are split across ranks by the pipeline."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    d = torch.distributed
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not d.is_initialized():
+        d.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def _record_eval(report, recipe, windows, res) -> None:

@@ -27,12 +27,23 @@ def shard_name(i: int, total: int) -> str:
     return f"model-{i + 1:05d}-of-{total:05d}.safetensors"
 
 
+def _dist():
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
 class ShardWriter:
+    """Under ``torch.distributed`` every rank keeps its own activations for resume; rank 0 alone
+    writes shards, state and the final directory (the ranks hold identical compressed blocks)."""
+
     def __init__(self, out_dir, total_shards: int, fingerprint: str, resume: bool):
         self.out = Path(out_dir)
         self.dir = Path(f"{self.out}.partial")
         self.total = total_shards
         self.fingerprint = fingerprint
+        d = _dist()
+        self.rank = d.get_rank() if d is not None else 0
+        self.writes = self.rank == 0
         self.state = {"fingerprint": fingerprint, "done_blocks": 0, "weight_map": {}, "manifest": {}, "tied": {},
                       "extra": {}}
         path = self.dir / STATE
@@ -45,12 +56,19 @@ class ShardWriter:
                 raise InputError(f"--resume: {self.dir} was made from a different model, recipe, data or settings; "
                                  "refusing to resume (remove --resume to start over)")
             self.state = state
-        else:
+        elif self.writes:
             shutil.rmtree(self.dir, ignore_errors=True)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{self.dir}: cannot create: {e.strerror or e}") from None
+        if self.writes:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"{self.dir}: cannot create: {e.strerror or e}") from None
+        self._barrier()
+
+    def _barrier(self) -> None:
+        d = _dist()
+        if d is not None:
+            d.barrier()
 
     @property
     def done_blocks(self) -> int:
@@ -63,6 +81,12 @@ class ShardWriter:
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
         name = shard_name(index, self.total)
+        self.state["weight_map"].update({k: name for k in tensors})
+        self.state["manifest"].update(manifest)
+        self.state["tensor_bytes"] = self.state.get("tensor_bytes", 0) + sum(t.numel() * t.element_size()
+                                                                             for t in tensors.values())
+        if not self.writes:
+            return
         tmp = self.dir / f".{name}.tmp"
         for key, t in tensors.items():  # no NaN is ever written: a non-finite float tensor is refused by name
             if t.is_floating_point() and not bool(t.isfinite().all()):
@@ -71,26 +95,25 @@ class ShardWriter:
                 raise NumericError(key, "holds NaN/Inf values; refusing to write the checkpoint")
         write_safetensors(tmp, tensors, {"format": "pt"})
         os.replace(tmp, self.dir / name)
-        self.state["weight_map"].update({k: name for k in tensors})
-        self.state["tensor_bytes"] = self.state.get("tensor_bytes", 0) + sum(t.numel() * t.element_size()
-                                                                             for t in tensors.values())
-        self.state["manifest"].update(manifest)
 
     def block_done(self, b: int, inputs=None) -> None:
         """Record block ``b`` finished (its shard written); ``inputs``: the activations entering ``b + 1``."""
         from safetensors.torch import save
 
         if inputs is not None:
-            d = self.dir / f"inputs-{b}"
-            d.mkdir(exist_ok=True)
+            d = self.dir / f"inputs-{b}" / f"rank{self.rank}"
+            d.mkdir(parents=True, exist_ok=True)
             n = 0
             for i, h in enumerate(inputs):
                 atomic_write_bytes(d / f"h{i}.safetensors", save({"h": h.detach().contiguous().cpu()}))
                 n = i + 1
-            self.state["batches"] = n
+            (d / "batches").write_text(str(n))
+        self._barrier()  # every rank's activations are on disk before the state says the block is done
         self.state["done_blocks"] = b + 1
-        self.save_state()
-        shutil.rmtree(self.dir / f"inputs-{b - 1}", ignore_errors=True)
+        if self.writes:
+            self.save_state()
+            shutil.rmtree(self.dir / f"inputs-{b - 1}", ignore_errors=True)
+        self._barrier()
 
     def save_state(self) -> None:
         atomic_write_bytes(self.dir / STATE, json.dumps(self.state).encode())
@@ -99,14 +122,19 @@ class ShardWriter:
         """The activations entering block ``done_blocks``, one batch at a time."""
         from safetensors.torch import load_file
 
-        d = self.dir / f"inputs-{self.done_blocks - 1}"
-        for i in range(int(self.state.get("batches", 0))):
+        d = self.dir / f"inputs-{self.done_blocks - 1}" / f"rank{self.rank}"
+        if not (d / "batches").is_file():
+            raise InputError(f"--resume: {d} holds no activations of this rank (resume with the same number of processes)")
+        for i in range(int((d / "batches").read_text())):
             yield load_file(str(d / f"h{i}.safetensors"))["h"]
 
     def finish(self, write_files) -> Path:
         """Write the index and ``write_files(directory)`` (config, tokenizer), then swap into ``out``."""
         from ..formats.atomic import publish_directory
 
+        if not self.writes:
+            self._barrier()
+            return self.out
         total = sum((self.dir / f).stat().st_size for f in set(self.state["weight_map"].values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.state["weight_map"].items()))}
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -115,8 +143,10 @@ class ShardWriter:
             shutil.rmtree(p, ignore_errors=True)
         (self.dir / STATE).unlink(missing_ok=True)
         publish_directory(self.dir, self.out)
+        self._barrier()
         return self.out
 
     def abort(self) -> None:
         """Remove the partial output (a run that failed on bad input leaves nothing behind)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.writes:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -76,7 +76,7 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
                 runner(model, stage, records, calib_data)
             rec = StageRecord(stage.name, stage.kind, time.perf_counter() - start, len(report.layers) - before)
             if rec.modules == 0:
-                _check_composes(recipe, stage, report.stages)
+                check_composes(recipe, stage, report.stages)
                 log.warning("stage %s (%s) changed no module: check its targets/ignore", stage.name, stage.kind)
             report.stages.append(rec)
             if on_stage is not None:
@@ -86,7 +86,7 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
     return report
 
 
-def _check_composes(recipe: Recipe, stage: Stage, earlier: list) -> None:
+def check_composes(recipe: Recipe, stage: Stage, earlier: list) -> None:
     """A stage that finds nothing to change after an earlier stage changed modules does not compose
     with it (e.g. rtn after rtn: the Linears are QuantLinears now): an error, not a silent no-op."""
     from ..errors import RecipeError

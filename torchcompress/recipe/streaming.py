@@ -31,7 +31,7 @@ from ..pipeline.shards import Checkpoint
 from ..pipeline.skeleton import build_skeleton, find_blocks, materialize, release, tied_sources
 from ..pipeline.view import block_view, modules_view
 from ..records import LayerRecord, StageRecord
-from .runner import Report
+from .runner import Report, check_composes
 from .stage_runners import record_quant
 from .schema import Recipe, Stage
 
@@ -138,6 +138,27 @@ def _fingerprint(ckpt: Checkpoint, recipe: Recipe, calib, dtype, extra: str) -> 
     return h.hexdigest()
 
 
+def shard_for_rank(calib, batch_size: int):
+    """Under ``torch.distributed``, this rank's contiguous share of the calibration samples, cut at
+    batch boundaries: every rank runs whole batches of the one-process run, so the statistics summed
+    across ranks add the very float32 batch terms the one-process run adds."""
+    d = torch.distributed
+    if calib is None or not (d.is_available() and d.is_initialized()) or d.get_world_size() == 1:
+        return calib
+    from ..calibration.data import CalibrationSet
+
+    rank, world = d.get_rank(), d.get_world_size()
+    n_batches = -(-calib.input_ids.shape[0] // batch_size)
+    if n_batches < world:
+        from ..errors import ConfigError
+
+        raise ConfigError("calib_samples", f"{calib.input_ids.shape[0]} samples make {n_batches} batches of {batch_size}; "
+                          f"{world} processes need at least one batch each")
+    first, last = rank * n_batches // world, (rank + 1) * n_batches // world  # whole batches, as even as can be
+    lo, hi = first * batch_size, min(last * batch_size, calib.input_ids.shape[0])
+    return CalibrationSet(calib.input_ids[lo:hi], calib.attention_mask[lo:hi])
+
+
 def _outside_modules(model: nn.Module, blocks_prefix: str) -> list[str]:
     """Top-most modules outside the decoder blocks that hold tensors of the checkpoint, in order."""
     out = []
@@ -187,9 +208,11 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
         from ..errors import ConfigError
 
         raise ConfigError("calib_data", "this recipe needs calibration data (--calib)")
+    fingerprint = _fingerprint(ckpt, recipe, calib, dtype, fingerprint_extra)  # of all ranks' data together
+    calib = shard_for_rank(calib, batch_size)
     outside = _outside_modules(model, prefix)
     total = len(blocks) + len(outside)
-    writer = ShardWriter(out, total, _fingerprint(ckpt, recipe, calib, dtype, fingerprint_extra), resume)
+    writer = ShardWriter(out, total, fingerprint, resume)
     try:
         before = sum(i.nbytes // i.dtype.itemsize * (dtype.itemsize if i.dtype.is_floating_point else i.dtype.itemsize)
                      for i in ckpt.tensors.values())  # at the compute dtype, as the in-memory path counts
@@ -252,9 +275,13 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
             release(new)
         for p in plans:
             report.layers.extend(p.records)
-            report.stages.append(StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records)))
+            rec = StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records))
+            if rec.modules == 0:
+                check_composes(recipe, p.stage, report.stages)
+                log.warning("stage %s (%s) changed no module: check its targets/ignore", p.stage.name, p.stage.kind)
+            report.stages.append(rec)
             if on_stage is not None:
-                on_stage(report.stages[-1])
+                on_stage(rec)
         manifest = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                     "modules": writer.state["manifest"], "tied": tied}
 
