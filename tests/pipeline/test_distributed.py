@@ -37,8 +37,8 @@ def test_two_processes_equal_one(tiny, tmp_path, recipe):
     src, calib = tiny
     compress_checkpoint(src, load_recipe(recipe), tmp_path / "one", calib=calib, batch_size=4)
     mp.spawn(_rank, args=(2, str(tmp_path / "rdv"), str(src), calib, recipe, str(tmp_path / "two")), nprocs=2, join=True)
-    one = {p.name: load_file(str(p)) for p in (tmp_path / "one").glob("model-*.safetensors")}
-    two = {p.name: load_file(str(p)) for p in (tmp_path / "two").glob("model-*.safetensors")}
+    one = {p.name: load_file(str(p)) for p in (tmp_path / "one").glob("model*.safetensors")}
+    two = {p.name: load_file(str(p)) for p in (tmp_path / "two").glob("model*.safetensors")}
     assert one.keys() == two.keys() and one
     for f in one:
         assert one[f].keys() == two[f].keys()

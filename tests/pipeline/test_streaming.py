@@ -46,5 +46,29 @@ def test_streamed_equals_in_memory(tiny, tmp_path, name):
     got = load_compressed(tmp_path / "stream")
     _assert_same(ref, got)
     assert len(rep.layers) > 0 and rep.size_bytes_after > 0
-    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "stream" / "model.safetensors").is_file()  # small: one file, as save_pretrained writes
     assert not (tmp_path / "stream.partial").exists()
+
+
+def test_big_outputs_stay_sharded_and_load_everywhere(tiny, tmp_path, monkeypatch):
+    """Above the single-file size the shards and their index are the output; our loader and
+    transformers (with the plugin) read it, and the tensors equal the merged single file's."""
+    from torchcompress.pipeline import writer
+
+    model, tok, calib, src = tiny
+    recipe = load_recipe("w4-rtn")
+    compress_checkpoint(src, recipe, tmp_path / "one", tokenizer=tok)
+    monkeypatch.setattr(writer, "SINGLE_FILE_BYTES", 0)
+    compress_checkpoint(src, recipe, tmp_path / "sharded", tokenizer=tok)
+    d = tmp_path / "sharded"
+    n_blocks = model.config.num_hidden_layers
+    assert (d / "model.safetensors.index.json").is_file() and not (d / "model.safetensors").exists()
+    assert len(list(d.glob("model-*-of-*.safetensors"))) >= n_blocks  # one shard per block at least
+    _assert_same(load_compressed(tmp_path / "one"), load_compressed(d))
+    import torchcompress.hf  # noqa: F401  registers the quantization method
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(d))
+    ids = calib.input_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_compressed(d)(ids).logits, rtol=0, atol=0)

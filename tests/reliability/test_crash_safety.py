@@ -240,7 +240,7 @@ def test_cli_disk_full_is_exit_2_one_line(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
     """`compress` with a GPTQ recipe, SIGKILLed after its first finished decoder block, then rerun with
-    --resume: continues from OUT.state and writes the same bytes as an uninterrupted run."""
+    --resume: continues from OUT.partial and writes the same bytes as an uninterrupted run."""
     import json
 
     from transformers import LlamaForCausalLM
@@ -272,7 +272,7 @@ def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
     state = None
     deadline = time.time() + 300
     while child.poll() is None and time.time() < deadline:
-        found = list((tmp_path / "out.state").glob("*/state.json"))
+        found = list((tmp_path / "out.partial").glob("state.json"))  # the block pipeline's resume state
         if found:
             try:
                 state = json.loads(found[0].read_text())
@@ -289,4 +289,4 @@ def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert canonical(out / WEIGHTS_NAME) == reference  # same tensors, bit for bit
-    assert not (tmp_path / "out.state").exists()  # state removed once the output is complete
+    assert not (tmp_path / "out.partial").exists()  # state removed once the output is complete

@@ -155,3 +155,8 @@ def publish_directory(staging: str | os.PathLike, path: str | os.PathLike) -> Pa
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> WriteError | None:
+    """The typed :class:`WriteError` for a disk failure (full, file too large, read-only), else None."""
+    return _as_write_error(Path(path), e)

@@ -156,6 +156,47 @@ class Checkpoint:
         return t.to(device) if str(device) != "cpu" else t
 
 
+def merge_shards(directory: Path, index_name: str = INDEX_NAME, out_name: str = SINGLE_NAME) -> Path:
+    """Join the shards named by ``directory/index_name`` into one ``out_name`` (bytes copied file to
+    file, never a whole tensor in memory); the shards and the index are removed after."""
+    weight_map = json.loads((directory / index_name).read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    infos = {}
+    for f in files:
+        infos.update(read_header(directory / f))
+    header, offset = {}, 0
+    names = sorted(infos)
+    for name in names:
+        i = infos[name]
+        header[name] = {"dtype": CODES[i.dtype], "shape": list(i.shape), "data_offsets": [offset, offset + i.nbytes]}
+        offset += i.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = directory / f".{out_name}.tmp"
+    with open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for name in names:
+            i = infos[name]
+            with open(i.file, "rb") as src:
+                src.seek(i.start)
+                left = i.nbytes
+                while left:
+                    chunk = src.read(min(left, 64 * 2**20))
+                    if not chunk:
+                        raise FormatError(i.file, f"truncated while copying tensor {name!r}")
+                    out.write(chunk)
+                    left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, directory / out_name)
+    for f in files:
+        (directory / f).unlink()
+    (directory / index_name).unlink()
+    return directory / out_name
+
+
 def _tensor_bytes_view(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:

@@ -8,6 +8,7 @@ execution device, :func:`release` turns them back into meta tensors.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -91,8 +92,8 @@ def tied_sources(model: nn.Module) -> dict[str, str]:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, name: str, ckpt: Checkpoint, dtype: torch.dtype, device) -> nn.Module:
-    """Load submodule ``name``'s parameters and persistent buffers from ``ckpt`` onto ``device``."""
+def read_state(model: nn.Module, name: str, ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Submodule ``name``'s meta tensors read from ``ckpt`` into CPU memory (floats in ``dtype``)."""
     module = model.get_submodule(name) if name else model
     prefix = f"{name}." if name else ""
     sd = {}
@@ -107,8 +108,15 @@ def materialize(model: nn.Module, name: str, ckpt: Checkpoint, dtype: torch.dtyp
         if tuple(v.shape) != tuple(t.shape):
             raise FormatError(ckpt.tensors[src].file, f"tensor {src!r} has shape {tuple(v.shape)}; the config implies "
                                                       f"{tuple(t.shape)}")
-        sd[key] = v.to(device)
-    module.load_state_dict(sd, strict=False, assign=True)
+        sd[key] = v
+    return sd
+
+
+@torch.no_grad()
+def assign_state(model: nn.Module, name: str, sd: dict[str, torch.Tensor], device) -> nn.Module:
+    """Give submodule ``name`` the tensors ``sd`` (from :func:`read_state`) on ``device``."""
+    module = model.get_submodule(name) if name else model
+    module.load_state_dict({k: v.to(device, non_blocking=True) for k, v in sd.items()}, strict=False, assign=True)
     for key, t in module.named_buffers():  # computed buffers (rotary) follow the module to the device
         if not t.is_meta and t.device != torch.device(device):
             owner, _, attr = key.rpartition(".")
@@ -116,9 +124,64 @@ def materialize(model: nn.Module, name: str, ckpt: Checkpoint, dtype: torch.dtyp
     return module
 
 
+def materialize(model: nn.Module, name: str, ckpt: Checkpoint, dtype: torch.dtype, device) -> nn.Module:
+    """Load submodule ``name``'s parameters and persistent buffers from ``ckpt`` onto ``device``."""
+    return assign_state(model, name, read_state(model, name, ckpt, dtype), device)
+
+
+class Prefetcher:
+    """Reads block ``b + 1``'s tensors from disk on a thread while block ``b`` is worked on (file
+    reads release the GIL): one extra block in host memory buys the I/O's overlap with compute."""
+
+    def __init__(self, model: nn.Module, names: list[str], ckpt: Checkpoint, dtype: torch.dtype):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.model, self.names, self.ckpt, self.dtype = model, names, ckpt, dtype
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tc-prefetch")
+        self.pending: dict[int, object] = {}
+
+    def _submit(self, i: int) -> None:
+        if 0 <= i < len(self.names) and i not in self.pending:
+            self.pending[i] = self.pool.submit(read_state, self.model, self.names[i], self.ckpt, self.dtype)
+
+    def get(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s tensors (read now if not prefetched), and start reading block ``i + 1``."""
+        self._submit(i)
+        sd = self.pending.pop(i).result()
+        self._submit(i + 1)
+        return sd
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
 def release(module: nn.Module) -> None:
-    """Drop the module's tensors (parameters and buffers become meta tensors again)."""
+    """Drop the module's tensors (parameters and buffers become meta tensors again) and hand the
+    freed heap back to the OS: glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap
+    threshold in the heap, so without a trim every block's weights would stay in the resident set."""
     module.to("meta")
+    _malloc_trim()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+def _malloc_trim() -> None:
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def resolve_device(spec: str | None) -> torch.device:

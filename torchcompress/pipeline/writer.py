@@ -21,6 +21,7 @@ from ..formats.atomic import atomic_write_bytes
 from .shards import INDEX_NAME, write_safetensors
 
 STATE = "state.json"
+SINGLE_FILE_BYTES = 2 * 2**30  # outputs below this end as one model.safetensors, as save_pretrained writes them
 
 
 def shard_name(i: int, total: int) -> str:
@@ -93,8 +94,16 @@ class ShardWriter:
                 from ..errors import NumericError
 
                 raise NumericError(key, "holds NaN/Inf values; refusing to write the checkpoint")
-        write_safetensors(tmp, tensors, {"format": "pt"})
-        os.replace(tmp, self.dir / name)
+        try:
+            write_safetensors(tmp, tensors, {"format": "pt"})
+            os.replace(tmp, self.dir / name)
+        except OSError as e:
+            from ..formats.atomic import write_error
+
+            err = write_error(self.out, e)
+            if err is not None:
+                raise err from None
+            raise
 
     def block_done(self, b: int, inputs=None) -> None:
         """Record block ``b`` finished (its shard written); ``inputs``: the activations entering ``b + 1``."""
@@ -138,6 +147,10 @@ class ShardWriter:
         total = sum((self.dir / f).stat().st_size for f in set(self.state["weight_map"].values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.state["weight_map"].items()))}
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if total < SINGLE_FILE_BYTES:
+            from .shards import merge_shards
+
+            merge_shards(self.dir)
         write_files(self.dir)
         for p in list(self.dir.glob("inputs-*")):
             shutil.rmtree(p, ignore_errors=True)

@@ -28,7 +28,8 @@ from ..ignore import DEFAULT_IGNORE
 from ..pipeline.context import capture_inputs
 from ..pipeline.engine import BlockStep, run_blocks
 from ..pipeline.shards import Checkpoint
-from ..pipeline.skeleton import build_skeleton, find_blocks, materialize, release, tied_sources
+from ..pipeline.skeleton import (Prefetcher, assign_state, build_skeleton, find_blocks, materialize, release,
+                                 tied_sources)
 from ..pipeline.view import block_view, modules_view
 from ..records import LayerRecord, StageRecord
 from .runner import Report, check_composes
@@ -60,7 +61,10 @@ def _data_free(stage: Stage, runner: Callable, records: list) -> tuple[BlockStep
         runner(block_view(ctx.prefix, ctx.block), stage, records, None)
 
     def rest(view):  # the embeddings, norm and head: only when the stage's targets pick one of them
-        if any(isinstance(m, nn.Linear) for m in view.modules()):
+        from ..targets import select_modules
+
+        ignore = DEFAULT_IGNORE if stage.ignore is None else stage.ignore
+        if any(isinstance(m, nn.Linear) for _, m in select_modules(view, stage.targets, ignore)):
             runner(view, stage, records, None)
 
     return BlockStep(apply, needs_forward=False, name=stage.name), rest
@@ -226,18 +230,23 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
             for name in outside:
                 if not name.endswith("lm_head"):
                     materialize(model, name, ckpt, dtype, device)
-            inputs = capture_inputs(model, blocks, calib.batches(batch_size), device, offload_dir=offload_dir)
+            # on the host (or disk): one batch at a time goes to the device, so device memory is one block
+            # + its statistics + one batch, whatever the calibration set's size
+            inputs = capture_inputs(model, blocks, calib.batches(batch_size), device, offload_dir=offload_dir,
+                                    keep_on="cpu")
             for name in outside:
                 release(model.get_submodule(name))
             if done:
                 inputs.hidden.close()
                 from ..calibration.offload import store_from
 
-                inputs.hidden = store_from((h.to(device) if offload_dir is None else h for h in writer.saved_inputs()),
-                                           offload_dir)
+                inputs.hidden = store_from(writer.saved_inputs(), offload_dir)
+
+        names = [f"{prefix}.{b}" for b in range(len(blocks))]
+        prefetch = Prefetcher(model, names, ckpt, dtype)
 
         def load(b, block):
-            return materialize(model, f"{prefix}.{b}", ckpt, dtype, device)
+            return assign_state(model, names[b], prefetch.get(b), device)
 
         def finish(b, block, inp):
             writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), _compressed(block, f"{prefix}.{b}."))
@@ -249,6 +258,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
         try:
             run_blocks(prefix, blocks, steps, inputs, device, start=done, load=load, finish=finish, on_block=on_block)
         finally:
+            prefetch.close()
             if inputs is not None:
                 inputs.hidden.close()
         tied = {}
