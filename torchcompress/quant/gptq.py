@@ -53,11 +53,13 @@ def gptq_block(ctx: BlockContext, cfg: GPTQConfig, linears: dict[str, nn.Module]
     shared = ctx.linear_groups(linears)
     rep_of = {n: sub[0] for sub in shared for n in sub}
     groups = shared if cfg.true_sequential else [[n for sub in shared for n in sub]]
+    hess: dict = {}
     for group in groups:
         reps = [sub[0] for sub in shared if sub[0] in group]
+        hess.clear()  # the previous group's Hessians go before this group's are collected
         last = next(sub[0] for sub in reversed(shared) if sub[0] in group) if cfg.true_sequential else None
         stats = ctx.collect({n: linears[n] for n in reps}, "hessian", stop_after=last)
-        hess = {r: stats[r].hessian() for r in reps}
+        hess.update({r: stats.pop(r).hessian() for r in reps})
         for n in group:
             lin, full = linears[n], ctx.prefix + n
             w = lin.weight.detach()
