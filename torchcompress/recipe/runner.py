@@ -208,3 +208,7 @@ _RUNNERS.update({cfg: run_prune_stage for cfg in PRUNE_CONFIGS})
 from ..lowrank.stages import LOWRANK_RUNNERS  # noqa: E402  (low-rank, issue #8)
 
 _RUNNERS.update(LOWRANK_RUNNERS)
+
+from ..config import HQQConfig  # noqa: E402  (data-free HQQ, issue #22)
+
+_RUNNERS[HQQConfig] = _run_quantize
