@@ -64,7 +64,11 @@ def quantize_gguf_(
     if not chosen:
         log.warning("gguf: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
     n_layer = 1 + max((int(m.group(1)) for n, _ in chosen if (m := _LAYER_RE.search(n))), default=0)
-    planner = TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output), n_layer, tied=False)
+    mcfg = getattr(model, "config", None)
+    heads = getattr(mcfg, "num_attention_heads", None)
+    n_gqa = heads // (getattr(mcfg, "num_key_value_heads", None) or heads) if heads else 1
+    planner = TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output,
+                                     has_imatrix=bool(getattr(config, "imatrix", False)), n_gqa=n_gqa), n_layer, tied=False)
     # llama.cpp counts attn_v tensors in layer order; visit in that order
     chosen.sort(key=lambda nm: (int(m.group(1)) if (m := _LAYER_RE.search(nm[0])) else -1, nm[0]))
     imat: dict = {}
