@@ -37,7 +37,7 @@ def _kv(device=None) -> torch.Tensor:
 def best_index(a: torch.Tensor) -> torch.Tensor:
     """ggml's ``best_index_int8(16, kvalues, a)``: the nearest level (ties to the upper one), int64."""
     v = _kv(a.device)
-    mu = (a.unsqueeze(-1) >= v).sum(-1).clamp(1, 15)  # val[mu-1] <= a < val[mu] inside the range
+    mu = torch.bucketize(a, v, right=True).clamp(1, 15)  # #levels <= a: val[mu-1] <= a < val[mu] inside the range
     lo, hi = v[mu - 1], v[mu]
     idx = torch.where((a - lo) < (hi - a), mu - 1, mu)
     idx = torch.where(a <= v[0], torch.zeros_like(idx), idx)

@@ -94,26 +94,30 @@ def hqq_qparams(
     wf = w.detach().float()
     x, mask, _ = _groups(wf, scheme)  # (N, G, gs)
     cnt = mask.sum(-1, keepdim=True)  # real entries per group
+    padded = bool((mask == 0).any())  # only a partial last group needs the mask in the sums
     qmax = (1 << scheme.bits) - 1
     half = float(1 << (scheme.bits - 1))
     dt = scheme.torch_scale_dtype
     fz = scheme.float_zero
     gs_out = effective_group_size(scheme, wf.shape[1])  # what compute_qparams reports, TENSOR included
 
+    def m(v):  # zero the padding of a partial last group (x is 0 there; q - z and errors need not be)
+        return v * mask if padded else v
+
     def masked_mean(v):
-        return (v * mask).sum(-1, keepdim=True) / cnt
+        return m(v).sum(-1, keepdim=True) / cnt
 
     def codes(s, z):
         if z is None:
             return torch.round(x / s).clamp(-half, half - 1) + half
         return torch.round(x / s + z).clamp(0, qmax)
 
-    def error(s, z):  # squared weight error per group (N, G, 1)
+    def error(s, z):  # squared weight error per group (N, G, 1), and the codes
         q = codes(s, z)
-        return (((q - (half if z is None else z)) * s - x).square() * mask).sum(-1, keepdim=True)
+        return m(((q - (half if z is None else z)) * s - x).square()).sum(-1, keepdim=True), q
 
     def fit_scale(q, t, z):  # least-squares s for t ~ (q - z) s, and its denominator (0: undefined)
-        qc = (q - z) * mask
+        qc = m(q - z)
         den = qc.square().sum(-1, keepdim=True)
         return (qc * t).sum(-1, keepdim=True) / den.clamp_min(1e-30), den
 
@@ -122,19 +126,21 @@ def hqq_qparams(
     s0, z0, _ = compute_qparams(wf, replace(scheme, float_zero=False))
     s = s0.float().unsqueeze(-1)
     z = None if z0 is None else z0.float().unsqueeze(-1)
-    best_s, best_z, best_e = s, z, error(s, z)
+    best_s, best_z = s, z
+    best_e, _ = error(s, z)
+    q_next = None  # codes of the current (s, z) when the last error() computed them
     if fz:  # start from min/max with a float zero (the hqq package's initialisation)
         mn = torch.where(mask > 0, x, torch.full_like(x, float("inf"))).amin(-1, keepdim=True)
         mx = torch.where(mask > 0, x, torch.full_like(x, float("-inf"))).amax(-1, keepdim=True)
         s = _sanitize_scale((mx - mn) / qmax, dt).float()
         z = (-mn / s).to(dt).float()
-        e = error(s, z)
+        e, q_next = error(s, z)
         better = e < best_e
         best_e, best_s, best_z = torch.where(better, e, best_e), torch.where(better, s, best_s), torch.where(better, z, best_z)
     for _ in range(iters):
-        q = codes(s, z)
+        q = codes(s, z) if q_next is None else q_next
         zz = half if z is None else z
-        w_e = shrink_lp((x - (q - zz) * s) * mask, beta, lp_norm)
+        w_e = shrink_lp(m(x - (q - zz) * s), beta, lp_norm)
         t = x - w_e  # (N, G, gs): what the dequantized group should reproduce
         if optimize_scale:
             if z is None:  # fixed zero 2^(b-1)
@@ -157,7 +163,9 @@ def hqq_qparams(
         if fz:
             cz = cz.to(dt).float()
             z = cz  # keep iterating from what is stored (fp16 zeros of large groups would drift)
-        e = error(cs, cz)
+        e, q_e = error(cs, cz)
+        # float zeros with a fixed scale: the candidate is the next iterate, whose codes these are
+        q_next = q_e if fz and not optimize_scale else None
         better = e < best_e
         best_e = torch.where(better, e, best_e)
         best_s = torch.where(better, cs, best_s)
