@@ -21,7 +21,7 @@ def heavy_tailed(n, k, seed=0):
     return w
 
 
-def naive_hqq_float_zero(w, bits, gs, lp=0.7, beta0=10.0, kappa=1.01, iters=20, dt=torch.float16):
+def naive_hqq_float_zero(w, bits, gs, lp=0.7, beta0=10.0, kappa=1.01, iters=20, dt=torch.float16, round_zero=True):
     """The paper's solver (zero-point update, scale fixed) for one group at a time, written from the
     formulas: W_e = shrink_p(W - W_r), z = mean(W_q - (W - W_e) / s); keeps the iterate (stored in
     ``dt``) with the smallest squared error, the start and RTN's (integer-zero) parameters included."""
@@ -33,7 +33,8 @@ def naive_hqq_float_zero(w, bits, gs, lp=0.7, beta0=10.0, kappa=1.01, iters=20, 
         for g0 in range(0, k, gs):
             x = w[r, g0:g0 + gs].double()
             s = float(torch.tensor(float((x.max() - x.min()) / qmax) or 1.0).to(dt))
-            z = float(torch.tensor(float(-x.min() / s)).to(dt))
+            z = float(-x.min() / s)
+            z = float(torch.tensor(float(round(z)) if round_zero else z).to(dt))
 
             def err(s, z):
                 q = torch.clamp(torch.round(x / s + z), 0, qmax)
@@ -63,12 +64,12 @@ def naive_hqq_float_zero(w, bits, gs, lp=0.7, beta0=10.0, kappa=1.01, iters=20, 
     return torch.tensor(scales), torch.tensor(zeros)
 
 
-@pytest.mark.parametrize("bits,gs", [(4, 32), (3, 16), (2, 24)])
-def test_float_zero_matches_naive_paper_update(bits, gs):
+@pytest.mark.parametrize("bits,gs,round_zero", [(4, 32, True), (3, 16, False), (2, 24, True), (4, 32, False)])
+def test_float_zero_matches_naive_paper_update(bits, gs, round_zero):
     w = heavy_tailed(6, 96, seed=bits)
     sch = QuantScheme(bits=bits, group_size=gs, symmetric=False, float_zero=True)
-    s, z, g = hqq_qparams(w, sch, optimize_scale=False)
-    s_ref, z_ref = naive_hqq_float_zero(w, bits, gs)
+    s, z, g = hqq_qparams(w, sch, optimize_scale=False, round_zero=round_zero)
+    s_ref, z_ref = naive_hqq_float_zero(w, bits, gs, round_zero=round_zero)
     assert g == gs and s.dtype == z.dtype == torch.float16
     torch.testing.assert_close(s.float(), s_ref.float(), rtol=0, atol=0)
     # float32 vs float64 sums can land one fp16 ulp apart on a zero point; nothing more

@@ -16,8 +16,8 @@ is split with an auxiliary error ``w_e ~ w - w_hat`` and solved by alternating t
 Two layouts, chosen by the scheme:
 
 * ``float_zero=True`` (the hqq package's layout): the zero point is a float stored in the scale
-  dtype; it starts from the group's min/max (``s = (max - min) / (2^b - 1)``, ``z = -min / s``) and
-  moves freely. Codes are ``round(w / s + z)``. RTN's parameters are a candidate too.
+  dtype; it starts from the group's min/max (``s = (max - min) / (2^b - 1)``, ``z = -min / s``,
+  rounded with ``round_zero`` as the hqq package does at 4 bits) and moves freely. Codes are ``round(w / s + z)``. RTN's parameters are a candidate too.
 * integer zero points (uint8, the default layout every kernel and export format reads): the solver
   runs on a continuous zero point and every iterate is projected onto what can be stored: zero rounded
   to an integer in ``[0, 2^b - 1]``, the scale refitted to it (``s = <q - z, t> / ||q - z||^2``). It
@@ -79,6 +79,7 @@ def hqq_qparams(
     kappa: float = KAPPA,
     iters: int = ITERS,
     optimize_scale: bool = True,
+    round_zero: bool = True,
     name: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """HQQ scales (and integer zero points) of a 2-D weight ``(N, K)``: ``(scale, zero, group_size)``
@@ -133,7 +134,8 @@ def hqq_qparams(
         mn = torch.where(mask > 0, x, torch.full_like(x, float("inf"))).amin(-1, keepdim=True)
         mx = torch.where(mask > 0, x, torch.full_like(x, float("-inf"))).amax(-1, keepdim=True)
         s = _sanitize_scale((mx - mn) / qmax, dt).float()
-        z = (-mn / s).to(dt).float()
+        z = -mn / s
+        z = (z.round() if round_zero else z).to(dt).float()  # hqq rounds this start at 4 bits (round_zero)
         e, q_next = error(s, z)
         better = e < best_e
         best_e, best_s, best_z = torch.where(better, e, best_e), torch.where(better, s, best_s), torch.where(better, z, best_z)
