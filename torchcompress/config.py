@@ -219,7 +219,8 @@ class HQQConfig:
     ``lp_norm``, ``beta``, ``kappa``, ``iters``: the solver's p, initial penalty, its growth per
     iteration, and the iteration count (the paper's 0.7, 10, 1.01, 20). ``round_zero``: start float
     zero points from the rounded min/max zero (the hqq package's 4-bit default; on SmolLM2 W4 g64 it is
-    what brings perplexity from 27.9 to 26.6). ``scheme.float_zero``: float
+    what brings perplexity from 27.9 to 26.6). ``early_stop``: stop once the tensor's mean |error|
+    stops falling (the hqq package's rule). ``scheme.float_zero``: float
     zero points as the hqq package stores them (best quality; reference and Triton kernels only),
     else integer zero points every kernel and export reads. See ``primitives/hqq.py``.
     """
@@ -232,6 +233,7 @@ class HQQConfig:
     iters: int = 20
     optimize_scale: bool = False
     round_zero: bool = True
+    early_stop: bool = True
 
     def __post_init__(self):
         if not isinstance(self.scheme, QuantScheme):
@@ -243,7 +245,7 @@ class HQQConfig:
                                   else f"must be a number in [1, 10], got {v!r}")
         if not 0 <= _check_int("iters", self.iters) <= 10000:
             raise ConfigError("iters", f"must be an integer in [0, 10000], got {self.iters}")
-        for name in ("optimize_scale", "round_zero"):
+        for name in ("optimize_scale", "round_zero", "early_stop"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.scheme.symmetric and not self.optimize_scale:
@@ -251,7 +253,8 @@ class HQQConfig:
 
     def solver_options(self) -> dict:
         return {"lp_norm": float(self.lp_norm), "beta": float(self.beta), "kappa": float(self.kappa),
-                "iters": self.iters, "optimize_scale": self.optimize_scale, "round_zero": self.round_zero}
+                "iters": self.iters, "optimize_scale": self.optimize_scale, "round_zero": self.round_zero,
+                "early_stop": self.early_stop}
 
 
 STAGE_KINDS["hqq"] = HQQConfig

@@ -24,7 +24,8 @@ Two layouts, chosen by the scheme:
   starts from round-to-nearest's own parameters. Symmetric schemes have no zero point; for them only
   the scale is optimised.
 
-Every candidate is cast to the stored dtypes before it is judged, and each group keeps the one with the
+With ``early_stop`` (the hqq package's rule) the iterations end once the tensor's mean absolute
+error stops falling. Every candidate is cast to the stored dtypes before it is judged, and each group keeps the one with the
 smallest squared weight error seen so far, iteration 0 (the starting point) included: the result is
 never worse than its start in that error, group by group (for integer zeros: never worse than RTN).
 
@@ -80,6 +81,7 @@ def hqq_qparams(
     iters: int = ITERS,
     optimize_scale: bool = True,
     round_zero: bool = True,
+    early_stop: bool = True,
     name: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """HQQ scales (and integer zero points) of a 2-D weight ``(N, K)``: ``(scale, zero, group_size)``
@@ -130,6 +132,7 @@ def hqq_qparams(
     best_s, best_z = s, z
     best_e, _ = error(s, z)
     q_next = None  # codes of the current (s, z) when the last error() computed them
+    prev_l1 = float("inf")
     if fz:  # start from min/max with a float zero (the hqq package's initialisation)
         mn = torch.where(mask > 0, x, torch.full_like(x, float("inf"))).amin(-1, keepdim=True)
         mx = torch.where(mask > 0, x, torch.full_like(x, float("-inf"))).amax(-1, keepdim=True)
@@ -142,7 +145,13 @@ def hqq_qparams(
     for _ in range(iters):
         q = codes(s, z) if q_next is None else q_next
         zz = half if z is None else z
-        w_e = shrink_lp(m(x - (q - zz) * s), beta, lp_norm)
+        r = m(x - (q - zz) * s)  # (N, G, gs) the current weight error
+        if early_stop:  # the hqq package's rule: stop once the mean |error| of the tensor stops falling
+            cur = float(r.abs().mean())
+            if cur >= prev_l1:
+                break
+            prev_l1 = cur
+        w_e = shrink_lp(r, beta, lp_norm)
         t = x - w_e  # (N, G, gs): what the dequantized group should reproduce
         if optimize_scale:
             if z is None:  # fixed zero 2^(b-1)
