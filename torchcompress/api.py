@@ -48,6 +48,18 @@ from .training.config import GGUFQATConfig  # noqa: E402
 _TRANSFORMS[GGUFQATConfig] = _gguf_qat
 
 
+def _hqq(linear: nn.Linear, cfg, name: str) -> nn.Module:  # data-free HQQ (issue #22)
+    from .primitives.hqq import quantize_hqq
+
+    return QuantLinear.from_quantized(linear, cfg.scheme, quantize_hqq(linear.weight, cfg.scheme, name=f"{name}.weight",
+                                                                     **cfg.solver_options()))
+
+
+from .config import HQQConfig  # noqa: E402
+
+_TRANSFORMS[HQQConfig] = _hqq
+
+
 def quantize_(
     model: nn.Module,
     config: RTNConfig | QATConfig | QuantScheme,

@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "gguf; a `compress` output with quantized layers for gptq / compressed-tensors")
     x.add_argument("--format", required=True, choices=["gguf", "gptq", "compressed-tensors"])
     x.add_argument("--qtype", default="Q4_K_M", help="llama.cpp file type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, "
-                   "Q4_0, Q4_1, Q5_0, Q5_1, F16, F32")
+                   "Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, F16, F32")
     x.add_argument("--out", required=True, help="output .gguf file, or directory for gptq / compressed-tensors "
                    "(written atomically)")
     x.add_argument("--pure", action="store_true", help="the file type's block type for every tensor (no mix rules)")

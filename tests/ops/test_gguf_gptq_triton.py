@@ -30,9 +30,10 @@ from torchcompress.primitives.gguf_common import GGMLType  # noqa: E402
 from torchcompress.primitives.packing import pack  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-TYPES = [GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K]
+TYPES = [GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
 FAST = [(GGMLType.Q4_0, 2, "gemv"), (GGMLType.Q5_0, 17, "tiled"), (GGMLType.Q8_0, 1, "gemv"),
-        (GGMLType.Q4_K, 17, "tiled"), (GGMLType.Q6_K, 3, "gemv")]
+        (GGMLType.Q4_K, 17, "tiled"), (GGMLType.Q6_K, 3, "gemv"), (GGMLType.IQ4_NL, 2, "gemv"),
+        (GGMLType.IQ4_XS, 17, "tiled"), (GGMLType.IQ4_XS, 1, "gemv")]
 SLOW = [(t, m, p) for t in TYPES for m, p in ((1, "gemv"), (5, "gemv"), (20, "tiled"))]
 
 
@@ -44,7 +45,7 @@ def _close(got, ref, what):
 def _check_gguf(qtype, m, path):
     from torchcompress.ops.triton.gguf_linear import triton_gguf_linear
 
-    k = 512 if qtype in (GGMLType.Q4_K, GGMLType.Q6_K) else 96
+    k = 512 if qtype in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS) else 96
     n = 17
     w = torch.randn(n, k)
     w[0, :32] = 0.0  # an all-zero block

@@ -14,13 +14,14 @@ import torch
 from torchcompress.primitives import gguf_blocks
 from torchcompress.primitives.gguf_blocks import (
     IMATRIX_TYPES,
+    IQUANTS,
     quantize,
     quantize_reference,
 )
 from torchcompress.primitives.gguf_common import LAYOUTS, GGMLType
 
 DATA = Path(__file__).parent.parent / "data" / "gguf"
-TYPES = [t.name for t in IMATRIX_TYPES]
+TYPES = [t.name for t in IMATRIX_TYPES if t not in IQUANTS]  # IQ4_NL/IQ4_XS: tests/primitives/test_gguf_iquants.py
 GGML_NAMES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
               "q2_K": "Q2_K", "q3_K": "Q3_K", "q4_K": "Q4_K", "q5_K": "Q5_K", "q6_K": "Q6_K"}
 

@@ -57,6 +57,9 @@ def _tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
     out = {f"{name}.weight_packed": _as_int32_words(pack(codes, bits)),
            f"{name}.weight_scale": m.scale.clone(),
            f"{name}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    if m.zero is not None and m.zero.dtype != torch.uint8:
+        raise FormatError(name, "has float zero points (HQQ float_zero); compressed-tensors int packing holds integer "
+                          "zero points only (quantize with float_zero: false)")
     if m.zero is not None:
         # signed zero points, packed along the output dimension (columns of the transposed (G, N))
         zp_u = m.zero.T.contiguous()  # (G, N) unsigned = signed + 2^(b-1)

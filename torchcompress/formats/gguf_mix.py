@@ -1,16 +1,18 @@
 """llama.cpp's file types ("mixes") and its per-tensor type choices for Llama-family models.
 
 Mirrors ``llama_tensor_get_type`` in llama.cpp's ``src/llama-quant.cpp`` for the types we write
-(Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, plus the legacy Q4_0/Q4_1/Q5_0/Q5_1 and F16/F32) on
+(Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, plus the legacy Q4_0/Q4_1/Q5_0/Q5_1 and F16/F32) on
 a dense (non-MoE, non-Falcon, not 70B) Llama model:
 
 * only 2-D tensors whose name ends in ``weight`` and is not a ``*_norm.weight`` are quantized;
 * ``output.weight`` (or ``token_embd.weight`` when embeddings are tied): Q8_0 if its rows are not
   a multiple of the default type's block, else Q6_K unless the default is Q8_0;
 * ``attn_v``: Q6_K for Q4_K_M/Q5_K_M on "more bits" layers, Q5_K for Q4_K_S's first 4;
-* ``ffn_down``: Q6_K for Q4_K_M/Q5_K_M on "more bits" layers, Q5_K for Q4_K_S's first n/8;
+* ``ffn_down``: Q6_K for Q4_K_M/Q5_K_M on "more bits" layers, Q5_K for Q4_K_S's first n/8 (and
+  for IQ4_NL/IQ4_XS's first n/8 when no imatrix is used); ``attn_v``: Q5_K for IQ4_NL/IQ4_XS when
+  4 or more query heads share a KV head;
 * then the shape fallback: rows not a multiple of 256 turn Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
-  Q5_K -> Q5_1, Q6_K -> Q8_0, and anything still not fitting -> F16.
+  Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, and anything still not fitting -> F16.
 
 ``pure`` skips the mix rules (not the fallback); ``leave_output`` keeps ``output.weight`` as is.
 """
@@ -43,9 +45,12 @@ class FileType(enum.IntEnum):
     Q5_K_S = 16
     Q5_K_M = 17
     Q6_K = 18
+    IQ4_NL = 25
+    IQ4_XS = 30
 
 
-SUPPORTED = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+SUPPORTED = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+             "IQ4_NL", "IQ4_XS")
 
 _DEFAULT_TYPE = {
     FileType.F32: GGMLType.F32,
@@ -60,6 +65,8 @@ _DEFAULT_TYPE = {
     FileType.Q5_K_S: GGMLType.Q5_K,
     FileType.Q5_K_M: GGMLType.Q5_K,
     FileType.Q6_K: GGMLType.Q6_K,
+    FileType.IQ4_NL: GGMLType.IQ4_NL,
+    FileType.IQ4_XS: GGMLType.IQ4_XS,
 }
 
 _FALLBACK = {
@@ -68,6 +75,7 @@ _FALLBACK = {
     GGMLType.Q4_K: GGMLType.Q5_0,
     GGMLType.Q5_K: GGMLType.Q5_1,
     GGMLType.Q6_K: GGMLType.Q8_0,
+    GGMLType.IQ4_XS: GGMLType.IQ4_NL,
 }
 
 
@@ -83,6 +91,8 @@ class MixOptions:
     file_type: FileType
     pure: bool = False  # every quantizable tensor gets the default type (shape fallback still applies)
     leave_output: bool = False  # keep output.weight unquantized (F32 source stays F32)
+    has_imatrix: bool = False  # IQ4_NL/IQ4_XS: without one, the first n/8 ffn_down get Q5_K
+    n_gqa: int = 1  # query heads per KV head; IQ4_NL/IQ4_XS give attn_v Q5_K from 4 on
 
     def __post_init__(self):
         if not isinstance(self.file_type, FileType) or self.file_type not in _DEFAULT_TYPE:
@@ -146,6 +156,8 @@ class TypePlanner:
                 return GGMLType.Q6_K
             if ft == FileType.Q4_K_S and i < 4:
                 return GGMLType.Q5_K
+            if ft in (FileType.IQ4_NL, FileType.IQ4_XS) and self.opts.n_gqa >= 4:
+                return GGMLType.Q5_K
             return t
         if "ffn_down" in name:
             i = int(name.split(".")[1])
@@ -153,6 +165,8 @@ class TypePlanner:
             if ft in (FileType.Q4_K_M, FileType.Q5_K_M) and _use_more_bits(i, n):
                 return GGMLType.Q6_K
             if ft == FileType.Q4_K_S and i < n // 8:
+                return GGMLType.Q5_K
+            if ft in (FileType.IQ4_NL, FileType.IQ4_XS) and i < n // 8 and not self.opts.has_imatrix:
                 return GGMLType.Q5_K
             return t
         return t

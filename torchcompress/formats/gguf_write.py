@@ -192,7 +192,9 @@ def export_gguf(
     missing = [hf for _, hf, _ in sources if hf not in weights]
     if missing:
         raise InputError(f"GGUF export: the model has no {missing[0]} (not a standard LlamaForCausalLM layout)")
-    planner = TypePlanner(MixOptions(ft, pure=pure, leave_output=leave_output), cfg.num_hidden_layers,
+    n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    planner = TypePlanner(MixOptions(ft, pure=pure, leave_output=leave_output, has_imatrix=importance is not None,
+                                     n_gqa=n_gqa), cfg.num_hidden_layers,
                           tied="output.weight" not in {g for g, _, _ in sources})
     plans, by_name = [], {}
     for gg, hf, heads in sources:

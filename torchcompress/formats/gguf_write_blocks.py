@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _FILE_TYPE = {GGMLType.Q4_0: FileType.Q4_0, GGMLType.Q4_1: FileType.Q4_1, GGMLType.Q5_0: FileType.Q5_0,
               GGMLType.Q5_1: FileType.Q5_1, GGMLType.Q8_0: FileType.Q8_0, GGMLType.Q2_K: FileType.Q2_K,
               GGMLType.Q3_K: FileType.Q3_K_S, GGMLType.Q4_K: FileType.Q4_K_S, GGMLType.Q5_K: FileType.Q5_K_S,
-              GGMLType.Q6_K: FileType.Q6_K}
+              GGMLType.Q6_K: FileType.Q6_K, GGMLType.IQ4_NL: FileType.IQ4_NL, GGMLType.IQ4_XS: FileType.IQ4_XS}
 
 
 def export_gguf_blocks(

@@ -51,6 +51,9 @@ def gptq_tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
         raise FormatError(name, f"{n}x{k} at {bits} bits does not fill whole 32-bit words (GPTQ packing)")
     if m.scale.dtype != torch.float16:
         raise FormatError(name, f"GPTQ stores fp16 scales; this layer has {m.scale.dtype} (use scale_dtype: float16)")
+    if m.zero is not None and m.zero.dtype != torch.uint8:
+        raise FormatError(name, "has float zero points (HQQ float_zero); the GPTQ format holds integer zero points "
+                          "only (quantize with float_zero: false)")
     codes = unpack(m.qweight, bits, k)  # (N, K)
     g = m.scale.shape[1]
     if m.zero is None:

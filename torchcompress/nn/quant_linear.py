@@ -70,7 +70,8 @@ class QuantLinear(nn.Module):
         if self.scheme.symmetric:
             self.zero = None
         else:
-            self.register_buffer("zero", torch.zeros(self._qparam_shape(), dtype=torch.uint8, device=device))
+            zdt = self.scheme.torch_scale_dtype if self.scheme.float_zero else torch.uint8
+            self.register_buffer("zero", torch.zeros(self._qparam_shape(), dtype=zdt, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, qat: bool = False, name: str = "weight",
@@ -95,8 +96,24 @@ class QuantLinear(nn.Module):
             mod._set_packed_from(w, name)
         return mod
 
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, scheme: QuantScheme, q) -> "QuantLinear":
+        """A packed QuantLinear from ``linear``'s bias and codes/scales/zeros computed elsewhere (an
+        ``AffineQuantized`` in this layer's layout, e.g. from HQQ)."""
+        has_bias = linear.bias is not None
+        mod = cls(linear.in_features, linear.out_features, has_bias, scheme, qat=True, device="meta")
+        mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad) if has_bias else None
+        mod.weight = None
+        mod._set_packed(q)
+        return mod
+
     def _set_packed_from(self, w: torch.Tensor, name: str) -> None:
-        q = quantize_affine(w, self.scheme, name=name)
+        self._set_packed(quantize_affine(w, self.scheme, name=name))
+
+    def _set_packed(self, q) -> None:
+        want = (self.out_features, self.in_features)
+        if tuple(q.codes.shape) != want or q.group_size != self.group_size or tuple(q.scale.shape) != self._qparam_shape():
+            raise ConfigError("codes", f"shape {tuple(q.codes.shape)} / group {q.group_size} does not fit this layer {want}")
         for key in ("qweight", "scale", "zero"):
             self._buffers.pop(key, None)
             self.__dict__.pop(key, None)
@@ -201,7 +218,7 @@ class QuantLinear(nn.Module):
         """Bits this layer's weight occupies (codes, scales, zeros); the bias is not counted."""
         if not self.is_packed:
             return self.weight.numel() * self.weight.element_size() * 8
-        zero_bits = 0 if self.zero is None else self.zero.numel() * 8
+        zero_bits = 0 if self.zero is None else self.zero.numel() * self.zero.element_size() * 8
         return self.qweight.numel() * 8 + self.scale.numel() * self.scale.element_size() * 8 + zero_bits
 
     def extra_repr(self) -> str:

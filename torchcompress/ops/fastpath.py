@@ -37,6 +37,8 @@ def int_linear_fast(
         return None
     dev = x.device.type
     if dev == "cpu" and bits in CPU_BITS and qweight.device.type == "cpu":
+        if zero is not None and zero.dtype != torch.uint8:  # float zero points (HQQ): the native kernel reads uint8
+            return None
         from .native import load_native
 
         ext = load_native()

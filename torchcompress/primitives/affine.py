@@ -93,6 +93,8 @@ def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor,
     wmin = groups.amin(dim=-1).clamp(max=0)
     wmax = groups.amax(dim=-1).clamp(min=0)
     scale = _sanitize_scale((wmax - wmin) / qmax_u, scheme.torch_scale_dtype)
+    if scheme.float_zero:  # the zero point exactly where min/max puts it, stored like the scale
+        return scale, (-wmin / scale.float()).to(scale.dtype), group_size
     zero = torch.round(-wmin / scale.float()).clamp(0, qmax_u).to(torch.uint8)
     return scale, zero, group_size
 
@@ -150,6 +152,8 @@ def quantize_with_qparams(
     if zero is None:
         half = 1 << (bits - 1)
         q = q.clamp(-half, half - 1) + half
+    elif zero.is_floating_point():  # a float zero point (HQQ): round after the shift
+        q = torch.round(w.float() / s + _expand(zero.float(), n, k, group_size)).clamp(0, (1 << bits) - 1)
     else:
         q = (q + _expand(zero.float(), n, k, group_size)).clamp(0, (1 << bits) - 1)
     return q.to(torch.uint8)

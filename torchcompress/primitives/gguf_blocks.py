@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, NumericError
+from . import gguf_iquants as _i
 from . import gguf_kquants as _k
 from . import gguf_legacy as _l
 from .gguf_common import LAYOUTS, GGMLType, row_bytes
@@ -34,6 +35,8 @@ _QUANT = {
     GGMLType.Q4_K: _k.quantize_q4_k,
     GGMLType.Q5_K: _k.quantize_q5_k,
     GGMLType.Q6_K: _k.quantize_q6_k,
+    GGMLType.IQ4_NL: _i.quantize_iq4_nl,
+    GGMLType.IQ4_XS: _i.quantize_iq4_xs,
 }
 _DEQUANT = {
     GGMLType.Q4_0: _l.dequantize_q4_0,
@@ -47,6 +50,8 @@ _DEQUANT = {
     GGMLType.Q4_K: _k.dequantize_q4_k,
     GGMLType.Q5_K: _k.dequantize_q5_k,
     GGMLType.Q6_K: _k.dequantize_q6_k,
+    GGMLType.IQ4_NL: _i.dequantize_iq4_nl,
+    GGMLType.IQ4_XS: _i.dequantize_iq4_xs,
 }
 
 
@@ -56,7 +61,9 @@ def can_quantize(qtype: GGMLType, n_per_row: int) -> bool:
 
 _KQUANTS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 # types with an importance-weighted quantizer in ggml (Q8_0 accepts and ignores the weights, as ggml does)
-IMATRIX_TYPES = _KQUANTS + (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
+# llama.cpp's non-linear 4-bit types (primitives/gguf_iquants.py): PyTorch only, no native quantizer yet
+IQUANTS = (GGMLType.IQ4_NL, GGMLType.IQ4_XS)
+IMATRIX_TYPES = _KQUANTS + (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1) + IQUANTS
 
 
 def _native_op():
@@ -106,7 +113,7 @@ def quantize(
         )
     if importance is not None:
         importance = _check_importance(importance, qtype, k, name)
-    op = _native_op()
+    op = None if qtype in IQUANTS else _native_op()
     if op is not None:
         out = op(x, int(qtype), importance)
     else:
@@ -121,6 +128,8 @@ def quantize_reference(x: torch.Tensor, qtype: GGMLType, importance: torch.Tenso
     k = x.shape[-1]
     if importance is not None:
         importance = _check_importance(importance, qtype, k, "tensor")
+    if qtype in IQUANTS:  # one function for both paths (importance or None), as in ggml
+        return _QUANT[qtype](x.reshape(-1, k), importance).reshape(-1, row_bytes(qtype, k))
     if importance is not None and qtype in IMATRIX_TYPES:
         from .gguf_imatrix import quantize_imatrix
 

@@ -37,6 +37,8 @@ class GGMLType(enum.IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ4_NL = 20
+    IQ4_XS = 23
     BF16 = 30
 
 
@@ -61,6 +63,8 @@ LAYOUTS: dict[GGMLType, BlockLayout] = {
     GGMLType.Q4_K: BlockLayout(256, 144),
     GGMLType.Q5_K: BlockLayout(256, 176),
     GGMLType.Q6_K: BlockLayout(256, 210),
+    GGMLType.IQ4_NL: BlockLayout(32, 18),
+    GGMLType.IQ4_XS: BlockLayout(256, 136),
 }
 
 

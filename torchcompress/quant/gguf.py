@@ -44,9 +44,14 @@ def gguf_name(module_name: str) -> str:
     return f"{module_name}.weight"
 
 
-def gguf_planner(config: GGUFConfig, n_layer: int) -> TypePlanner:
-    """llama.cpp's per-tensor type rules for a model of ``n_layer`` decoder blocks."""
-    return TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output), n_layer, tied=False)
+def gguf_planner(config: GGUFConfig, n_layer: int, model: nn.Module | None = None) -> TypePlanner:
+    """llama.cpp's per-tensor type rules for a model of ``n_layer`` decoder blocks (``model``'s config
+    gives the query heads per KV head, which some rules read)."""
+    mcfg = getattr(model, "config", None)
+    heads = getattr(mcfg, "num_attention_heads", None)
+    n_gqa = heads // (getattr(mcfg, "num_key_value_heads", None) or heads) if heads else 1
+    return TypePlanner(MixOptions(parse_file_type(config.qtype), config.pure, config.leave_output,
+                                  has_imatrix=bool(getattr(config, "imatrix", False)), n_gqa=n_gqa), n_layer, tied=False)
 
 
 def quantize_gguf_(
@@ -71,7 +76,7 @@ def quantize_gguf_(
         log.warning("gguf: no nn.Linear matched targets=%r ignore=%r", targets, ignore)
     n_layer = 1 + max((int(m.group(1)) for n, _ in chosen if (m := _LAYER_RE.search(n))), default=0)
     if planner is None:
-        planner = gguf_planner(config, n_layer)
+        planner = gguf_planner(config, n_layer, model)
     # llama.cpp counts attn_v tensors in layer order; visit in that order
     chosen.sort(key=lambda nm: (int(m.group(1)) if (m := _LAYER_RE.search(nm[0])) else -1, nm[0]))
     imat: dict = {}

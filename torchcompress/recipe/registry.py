@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..config import STAGE_KINDS as CORE_KINDS
-from ..config import GPTQConfig, QATConfig, RTNConfig
+from ..config import GPTQConfig, HQQConfig, QATConfig, RTNConfig
 from ..lowrank.config import LoRAConfig, SVDConfig
 from ..lowrank.stages import run_lora_stage, run_svd_stage
 from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
@@ -35,6 +35,7 @@ STAGE_KINDS: dict[str, type] = {
 RUNNERS: dict[type, Callable] = {
     RTNConfig: run_quantize,
     QATConfig: run_quantize,
+    HQQConfig: run_quantize,  # data-free HQQ (issue #22): quantize_ dispatches on the config type
     GPTQConfig: run_gptq,
     GGUFConfig: run_gguf,
     MagnitudePruneConfig: run_prune_stage,

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..config import GPTQConfig, QATConfig, RTNConfig
+from ..config import GPTQConfig, HQQConfig, QATConfig, RTNConfig
 from ..errors import InputError, RecipeError
 from ..ignore import DEFAULT_IGNORE
 from ..pipeline.context import capture_inputs
@@ -70,13 +70,13 @@ def _data_free(stage: Stage, runner: Callable, records: list) -> tuple[BlockStep
     return BlockStep(apply, needs_forward=False, name=stage.name), rest
 
 
-def _plan_stage(stage: Stage, n_layers: int, records: list) -> _Plan:
+def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | None = None) -> _Plan:
     from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, WandaConfig
     from ..quant.gguf_config import GGUFConfig
 
     cfg = stage.config
     ignore = DEFAULT_IGNORE if stage.ignore is None else stage.ignore
-    if isinstance(cfg, (RTNConfig, QATConfig)) and type(cfg) in (RTNConfig, QATConfig):
+    if type(cfg) in (RTNConfig, QATConfig, HQQConfig):  # quantize_ verbs: each module from its own weights
         from .stage_runners import run_quantize as runner
 
         return _Plan(stage, *_data_free(stage, runner, records), records)
@@ -90,7 +90,7 @@ def _plan_stage(stage: Stage, n_layers: int, records: list) -> _Plan:
     if isinstance(cfg, GGUFConfig) and not cfg.imatrix:
         from ..quant.gguf import gguf_planner, quantize_gguf_
 
-        planner = gguf_planner(cfg, n_layers)  # one per stage: llama.cpp's rules count layers across blocks
+        planner = gguf_planner(cfg, n_layers, model)  # one per stage: llama.cpp's rules count layers across blocks
 
         def run(view, stage=stage):
             quantize_gguf_(view, cfg, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records),
@@ -205,7 +205,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
     ckpt = src if isinstance(src, Checkpoint) else Checkpoint.open(src)
     model = build_skeleton(ckpt, dtype)
     prefix, blocks = find_blocks(model)
-    plans = [_plan_stage(s, len(blocks), []) for s in recipe.stages]
+    plans = [_plan_stage(s, len(blocks), [], model) for s in recipe.stages]
     steps = [p.step for p in plans]
     needs_forward = any(s.needs_forward for s in steps)
     if needs_forward and calib is None:

@@ -1,5 +1,5 @@
-"""Triton dequant-matmul for ``torchcompress::gguf_linear``: ggml blocks Q4_0, Q5_0, Q8_0 (32 weights)
-and Q4_K, Q6_K (256-weight super-blocks), read straight from the row bytes.
+"""Triton dequant-matmul for ``torchcompress::gguf_linear``: ggml blocks Q4_0, Q5_0, Q8_0, IQ4_NL (32
+weights) and Q4_K, Q6_K, IQ4_XS (256-weight super-blocks), read straight from the row bytes.
 
 Same two kernels as :mod:`.int_linear` (a split-K GEMV for decode, a ``tl.dot`` tile for prefill);
 only the weight tile differs: :func:`_gguf_tile` decodes each weight ``(n, k)`` from its block
@@ -19,7 +19,7 @@ import triton.language as tl
 from .int_linear import GEMV_MAX_M, _GEMV_CONFIGS, _TILED_CONFIGS, _interpreting, _split_k, launch, m_bucket
 
 # GGMLType value -> (weights, bytes) per block
-GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
+GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210), 20: (32, 18), 23: (256, 136)}
 
 
 @triton.jit
@@ -34,13 +34,31 @@ def _f16(ptr, off, mask):
 
 
 @triton.jit
+def _iq4_level(q):
+    """IQ4_NL/IQ4_XS: the non-linear level of a 4-bit index (ggml's kvalues_iq4nl), as float32."""
+    v = tl.where(q == 0, -127, tl.where(q == 1, -104, tl.where(q == 2, -83, tl.where(q == 3, -65,
+        tl.where(q == 4, -49, tl.where(q == 5, -35, tl.where(q == 6, -22, tl.where(q == 7, -10,
+        tl.where(q == 8, 1, tl.where(q == 9, 13, tl.where(q == 10, 25, tl.where(q == 11, 38,
+        tl.where(q == 12, 53, tl.where(q == 13, 69, tl.where(q == 14, 89, 113)))))))))))))))
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _gguf_tile(b_ptr, offs_n, offs_k, N, K_lim, row_bytes, QTYPE: tl.constexpr):
     """(BLOCK_N, BLOCK_K) fp32 weights; 0 outside rows < N, columns < K_lim."""
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K_lim)
     row = offs_n[:, None].to(tl.int64) * row_bytes
-    if QTYPE == 12 or QTYPE == 14:
+    if QTYPE == 12 or QTYPE == 14 or QTYPE == 23:
         j = (offs_k % 256)[None, :]
-        if QTYPE == 12:  # Q4_K: d | dmin | scales[12] | qs[128]
+        if QTYPE == 23:  # IQ4_XS: d | scales_h:u16 | scales_l[4] | qs[128], w = d * (ls - 32) * kv[q]
+            base = row + (offs_k // 256)[None, :] * 136
+            ib = j // 32
+            l = j % 32
+            ls = ((_u8(b_ptr, base + 4 + ib // 2, mask) >> (4 * (ib % 2))) & 15) | (
+                ((_u8(b_ptr, base + 2 + ib // 4, mask) >> (2 * (ib % 4))) & 3) << 4)
+            q = (_u8(b_ptr, base + 8 + 16 * ib + l % 16, mask) >> (4 * (l // 16))) & 15
+            w = (_f16(b_ptr, base, mask) * (ls - 32).to(tl.float32)) * _iq4_level(q)
+        elif QTYPE == 12:  # Q4_K: d | dmin | scales[12] | qs[128]
             base = row + (offs_k // 256)[None, :] * 144
             s = j // 32
             lo4 = s < 4
@@ -75,11 +93,17 @@ def _gguf_tile(b_ptr, offs_n, offs_k, N, K_lim, row_bytes, QTYPE: tl.constexpr):
         elif QTYPE == 2:  # Q4_0: d | qs[16], w = d * (q - 8)
             base = row + (offs_k // 32)[None, :] * 18
             q = ((_u8(b_ptr, base + 2 + j % 16, mask) >> (4 * (j // 16))) & 15) - 8
+        elif QTYPE == 20:  # IQ4_NL: d | qs[16], w = d * kv[q] (the level replaces the code below)
+            base = row + (offs_k // 32)[None, :] * 18
+            q = (_u8(b_ptr, base + 2 + j % 16, mask) >> (4 * (j // 16))) & 15
         else:  # Q5_0: d | qh:u32 | qs[16], w = d * (q - 16)
             base = row + (offs_k // 32)[None, :] * 22
             hi = (_u8(b_ptr, base + 2 + j // 8, mask) >> (j % 8)) & 1
             q = (((_u8(b_ptr, base + 6 + j % 16, mask) >> (4 * (j // 16))) & 15) | (hi << 4)) - 16
-        w = _f16(b_ptr, base, mask) * q.to(tl.float32)
+        if QTYPE == 20:
+            w = _f16(b_ptr, base, mask) * _iq4_level(q)
+        else:
+            w = _f16(b_ptr, base, mask) * q.to(tl.float32)
     return tl.where(mask, w, 0.0)
 
 

@@ -1,0 +1,117 @@
+"""Our quantizers beside the peers' own packages on the same model and evaluation text: perplexity
+and quantization wall time in one table (issue #22 item 8).
+
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_peers.py --threads 2 \
+        --text /usr/share/common-licenses/GPL-3 --windows 32 --seq-len 512
+
+Peers run only where installed (never dependencies of ours):
+* ``hqq`` (mobiusml): ``pip install --no-deps hqq termcolor`` (its own deps would pull another torch);
+  HQQLinear on CPU with the PyTorch backend, ``BaseQuantizeConfig(nbits, group_size)`` (the package's
+  defaults: zero point optimised by its proximal solver, float zero points and scales in the compute
+  dtype, float32 here).
+
+Every method quantizes the same Linears (all but lm_head) of a fresh copy of the float model; the
+wall time covers quantizing and packing all of them, in this process, one method after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import time
+
+import torch
+import torch.nn as nn
+
+
+def _ours(cfg):
+    def run(model):
+        import torchcompress as tc
+
+        tc.quantize_(model, cfg, ignore=["lm_head"])
+    return run
+
+
+def _peer_hqq(bits: int, group_size: int):
+    def run(model):
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        qcfg = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+        names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")]
+        for n in names:
+            parent, _, leaf = n.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, leaf, HQQLinear(getattr(owner, leaf), qcfg, compute_dtype=torch.float32, device="cpu"))
+    return run
+
+
+def main() -> None:
+    from torchcompress.config import HQQConfig, QuantScheme, RTNConfig
+    from torchcompress.eval.perplexity import evaluate, make_windows
+    from torchcompress.eval.text import load_text
+    from torchcompress.models import load_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
+    p.add_argument("--json", default=None, help="append one JSON line per method here")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+
+    lm = load_model(a.model)
+    text, desc = load_text(a.text)
+    windows = make_windows(lm.tokenizer, text, a.seq_len, a.windows, desc)
+    b, g = a.bits, a.group_size
+    methods = {
+        "float": None,
+        f"ours RTN W{b} g{g} (int zero)": _ours(RTNConfig(QuantScheme(bits=b, group_size=g, symmetric=False))),
+        f"ours HQQ W{b} g{g} (float zero)": _ours(HQQConfig(QuantScheme(bits=b, group_size=g, symmetric=False, float_zero=True))),
+        f"ours HQQ W{b} g{g} (int zero)": _ours(HQQConfig(QuantScheme(bits=b, group_size=g, symmetric=False), optimize_scale=True)),
+    }
+    if importlib.util.find_spec("hqq") is not None:
+        methods[f"hqq {_version('hqq')} W{b} g{g}"] = _peer_hqq(b, g)
+    else:
+        print("# hqq not installed (pip install --no-deps hqq termcolor): its row is skipped")
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    rows = []
+    for name, fn in methods.items():
+        if only and not any(o in name for o in only):
+            continue
+        model = copy.deepcopy(lm.model).eval()
+        t0 = time.perf_counter()
+        if fn is not None:
+            with torch.no_grad():
+                fn(model)
+        wall = time.perf_counter() - t0
+        ppl = evaluate(model, windows).perplexity
+        rows.append((name, ppl, wall))
+        print(f"{name:<40} ppl {ppl:8.4f}  quantize {wall:7.1f} s", flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps({"method": name, "perplexity": ppl, "quantize_s": wall, "text": desc,
+                                    "windows": int(windows.ids.shape[0]), "seq_len": a.seq_len, "threads": a.threads}) + "\n")
+        del model
+    base = next((r[1] for r in rows if r[0] == "float"), None)
+    print(f"\n{a.model}, {desc}, {windows.ids.shape[0]} x {a.seq_len} tokens, {a.threads} threads")
+    print(f"| method | perplexity | x float | quantize wall (s) |\n|---|---|---|---|")
+    for name, ppl, wall in rows:
+        rel = f"{ppl / base:.3f}" if base else "-"
+        print(f"| {name} | {ppl:.4f} | {rel} | {wall:.1f} |")
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+if __name__ == "__main__":
+    main()
