@@ -199,3 +199,7 @@ STAGE_KINDS.update(lora=LoRAConfig, svd=SVDConfig)
 from .training.config import DistillConfig, QATTrainConfig  # noqa: E402  (training-time compression, issue #7)
 
 STAGE_KINDS.update(qat=QATTrainConfig, distill=DistillConfig)
+
+from .quant.scheme_config import SCHEME_STAGE_KINDS  # noqa: E402  (FP8 / INT8 W8A8 / SmoothQuant / FP4, issue #21)
+
+STAGE_KINDS.update(SCHEME_STAGE_KINDS)

@@ -208,3 +208,22 @@ _RUNNERS.update({cfg: run_prune_stage for cfg in PRUNE_CONFIGS})
 from ..lowrank.stages import LOWRANK_RUNNERS  # noqa: E402  (low-rank, issue #8)
 
 _RUNNERS.update(LOWRANK_RUNNERS)
+
+def _run_scheme(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.schemes import apply_scheme_
+
+    apply_scheme_(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
+                  on_module=_record_quant(stage, records))
+
+
+def _run_smoothquant(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.smoothquant import smoothquant_model
+
+    blocks = smoothquant_model(model, stage.config.alpha, calib_data)  # float function unchanged; no module replaced
+    log.info("smoothquant: alpha %.2f folded into %d decoder blocks", stage.config.alpha, len(blocks))
+
+
+from ..quant.scheme_config import FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config  # noqa: E402  (issue #21)
+
+_RUNNERS.update({FP8Config: _run_scheme, W8A8Int8Config: _run_scheme, FP4Config: _run_scheme,
+                 SmoothQuantConfig: _run_smoothquant})
