@@ -220,7 +220,10 @@ def _run_smoothquant(model: nn.Module, stage: Stage, records: list, calib_data) 
     from ..quant.smoothquant import smoothquant_model
 
     blocks = smoothquant_model(model, stage.config.alpha, calib_data)  # float function unchanged; no module replaced
-    log.info("smoothquant: alpha %.2f folded into %d decoder blocks", stage.config.alpha, len(blocks))
+    for name in blocks:  # one record per smoothed block (weights rescaled in place, same bytes)
+        m = model.get_submodule(name)
+        params, size = sum(p.numel() for p in m.parameters()), _tensor_bytes(m)
+        records.append(LayerRecord(stage.name, name, stage.kind, params, size, size))
 
 
 from ..quant.scheme_config import FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config  # noqa: E402  (issue #21)
