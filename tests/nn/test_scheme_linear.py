@@ -118,3 +118,30 @@ def test_scaled_mm_path_matches_the_reference(monkeypatch):
     monkeypatch.setenv("TORCHCOMPRESS_KERNEL", "reference")
     ref = m(x)
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cfg", [W8A8Int8Config(), FP4Config("mxfp4")])
+def test_own_manifest_round_trip_once_registered(cfg, tmp_path, monkeypatch):
+    # formats/checkpoint.py does not list these kinds yet (register_manifest_kinds does); FP8 and NVFP4 hold
+    # float8 tensors, which its NaN check (Tensor.isfinite, not implemented for float8) refuses: not covered
+    pytest.importorskip("transformers")
+    from tests.tiny import calibrated_tiny_llama
+    from torchcompress.formats import checkpoint
+    from torchcompress.nn.scheme_linear import register_manifest_kinds
+    from torchcompress.quant.schemes import apply_scheme_
+
+    monkeypatch.setattr(checkpoint, "MODULE_KINDS", dict(checkpoint.MODULE_KINDS))
+    register_manifest_kinds(checkpoint.MODULE_KINDS)
+    model, tok, calib = calibrated_tiny_llama(samples=2)
+    apply_scheme_(model, cfg, calib)
+    checkpoint.save_compressed(model, tmp_path / "m", tok)
+    back = checkpoint.load_compressed(tmp_path / "m")
+    for name, m in model.named_modules():
+        if isinstance(m, (Int8Linear, FP4Linear)):
+            b = back.get_submodule(name)
+            assert type(b) is type(m) and b.config == m.config
+            for k, t in m.named_buffers():
+                assert torch.equal(getattr(b, k).view(torch.uint8), t.view(torch.uint8)), (name, k)
+    ids = calib.input_ids[:1]
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

@@ -169,3 +169,29 @@ class FP4Linear(SchemeLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.config.format}, activations={self.config.activations}"
+
+
+# -- our own manifest (formats/checkpoint.py MODULE_KINDS): describe / rebuild an empty twin ---------
+
+_KINDS = {"FP8Linear": (FP8Linear, FP8Config), "Int8Linear": (Int8Linear, W8A8Int8Config), "FP4Linear": (FP4Linear, FP4Config)}
+
+
+def scheme_linear_manifest(m: SchemeLinear) -> dict:
+    import dataclasses
+
+    return {"type": type(m).__name__, "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "config": dataclasses.asdict(m.config)}
+
+
+def scheme_linear_from_manifest(entry: dict, device="meta") -> SchemeLinear:
+    cls, cfg_cls = _KINDS[entry["type"]]
+    cfg = entry["config"]
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config must be a mapping, got {type(cfg).__name__}")
+    return cls(int(entry["in_features"]), int(entry["out_features"]), bool(entry["bias"]), cfg_cls(**cfg), device=device)
+
+
+def register_manifest_kinds(kinds: dict) -> None:
+    """Add the three module types to a ``MODULE_KINDS`` table (formats/checkpoint.py)."""
+    for name, (cls, _) in _KINDS.items():
+        kinds[name] = (cls, scheme_linear_manifest, scheme_linear_from_manifest)
