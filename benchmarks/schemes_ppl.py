@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--text", default="pydoc")
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--out", default=None)
+    p.add_argument("--float-ppl", type=float, default=None, help="float perplexity from an earlier run (skips re-measuring)")
     a = p.parse_args(argv)
     lm = load_model("default")
     base = lm.model.eval()
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     windows = make_windows(lm.tokenizer, text, a.seq_len, a.windows, desc)
     calib = build_calibration(CalibrationConfig(sources=(a.calib,), num_samples=a.samples, seq_len=a.seq_len),
                               base, lm.tokenizer)
-    ppl_float = None
+    ppl_float = a.float_ppl
     for name in a.methods.split(","):
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
