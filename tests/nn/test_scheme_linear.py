@@ -145,3 +145,19 @@ def test_own_manifest_round_trip_once_registered(cfg, tmp_path, monkeypatch):
     ids = calib.input_ids[:1]
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("cfg", [FP8Config(), W8A8Int8Config(), FP4Config("mxfp4"), FP4Config("nvfp4", False)])
+def test_pruned_layers_keep_their_zeros(cfg):
+    from torchcompress.prune import MagnitudePruneConfig
+    from torchcompress.quant.schemes import apply_scheme_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    tc.prune_(model, MagnitudePruneConfig(n=2, m=4), ignore=())
+    masks = [model[0].mask.clone(), model[2].mask.clone()]
+    apply_scheme_(model, cfg, ignore=())
+    for m, mask in zip((model[0], model[2]), masks):
+        w = m.dequantize()
+        assert torch.equal(w[~mask], torch.zeros(int((~mask).sum())))
+        assert bool((w[mask] != 0).float().mean() > 0.95)  # kept weights mostly stay non-zero

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch.nn as nn
 
+from ..nn.pruned_linear import PrunedLinear
 from ..nn.scheme_linear import FP4Linear, FP8Linear, Int8Linear
 from ..targets import select_modules, set_submodule
 from .scheme_config import FP4Config, FP8Config, W8A8Int8Config
@@ -35,15 +36,17 @@ def scheme_module(linear: nn.Linear, cfg, name: str, input_absmax=None) -> nn.Mo
 
 def replace_linears(model: nn.Module, build: Callable[[str, nn.Linear], nn.Module], targets: Iterable = (nn.Linear,),
                     ignore: Iterable | None = None, on_module: Callable | None = None) -> list[str]:
-    """Replace every plain ``nn.Linear`` matching targets/ignore by ``build(name, linear)``; names replaced."""
+    """Replace every ``nn.Linear`` (or PrunedLinear, its mask folded in: zeros stay exactly zero in every
+    scheme) matching targets/ignore by ``build(name, linear)``; returns the names replaced."""
     ignore = DEFAULT_IGNORE if ignore is None else ignore
-    chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) is nn.Linear]
+    chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) in (nn.Linear, PrunedLinear)]
     done: dict[int, nn.Module] = {}
     for name, linear in chosen:
         new = done.get(id(linear))
         fresh = new is None
         if fresh:
-            new = done[id(linear)] = build(name, linear)
+            src = linear.make_permanent() if isinstance(linear, PrunedLinear) else linear
+            new = done[id(linear)] = build(name, src)
         set_submodule(model, name, new)
         if fresh and on_module is not None:
             on_module(name, linear, new)
@@ -59,7 +62,7 @@ def apply_scheme_(model: nn.Module, cfg, calib=None, *, targets: Iterable = (nn.
         from .act_stats import input_absmax
 
         names = [n for n, m in select_modules(model, targets, DEFAULT_IGNORE if ignore is None else ignore)
-                 if type(m) is nn.Linear]
+                 if type(m) in (nn.Linear, PrunedLinear)]
         stats = {n: a.max() for n, a in input_absmax(model, names, calib).items()}
     replace_linears(model, lambda n, lin: scheme_module(lin, cfg, n, stats.get(n)), targets, ignore, on_module)
     return model
