@@ -12,6 +12,7 @@ from .errors import ConfigError, FormatError, InputError, NumericError, RecipeEr
 from .nn import QuantLinear
 from .api import add_lora_, lowrank_, prune_  # noqa: E402  (low-rank #8, pruning #6)
 from .lowrank import LoRAConfig, SVDConfig  # noqa: E402
+from .quant.scheme_config import FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config  # noqa: E402  (#21)
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "QuantScheme", "RTNConfig", "RecipeError", "TorchCompressError", "freeze_", "load_compressed",
     "quantize_", "save_compressed",
     "LoRAConfig", "SVDConfig", "add_lora_", "lowrank_", "prune_",
+    "FP4Config", "FP8Config", "SmoothQuantConfig", "W8A8Int8Config",
 ]

@@ -60,6 +60,17 @@ from .config import HQQConfig  # noqa: E402
 _TRANSFORMS[HQQConfig] = _hqq
 
 
+def _scheme(linear: nn.Linear, cfg, name: str) -> nn.Module:  # FP8 / INT8 W8A8 / FP4 (issue #21)
+    from .quant.schemes import scheme_module
+
+    return scheme_module(linear, cfg, name)
+
+
+from .quant.scheme_config import FP4Config, FP8Config, W8A8Int8Config  # noqa: E402
+
+_TRANSFORMS.update({FP8Config: _scheme, W8A8Int8Config: _scheme, FP4Config: _scheme})
+
+
 def quantize_(
     model: nn.Module,
     config: RTNConfig | QATConfig | QuantScheme,

@@ -44,6 +44,18 @@ MODULE_KINDS["LowRankLinear"] = (LowRankLinear, lowrank_linear_manifest, lowrank
 from ..nn.lora_linear import LoRALinear, lora_linear_from_manifest, lora_linear_manifest  # noqa: E402
 
 MODULE_KINDS["LoRALinear"] = (LoRALinear, lora_linear_manifest, lora_linear_from_manifest)
+from ..nn.scheme_linear import register_manifest_kinds  # noqa: E402  (FP8 / INT8 W8A8 / FP4, issue #21)
+
+register_manifest_kinds(MODULE_KINDS)
+
+
+def all_finite(t) -> bool:
+    """No NaN/Inf in a float tensor (float8 has no isfinite kernel: checked in float32)."""
+    if not t.is_floating_point():
+        return True
+    if t.element_size() == 1:
+        t = t.float()
+    return bool(t.isfinite().all())
 
 
 def build_manifest(model: nn.Module) -> dict:
@@ -96,7 +108,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     manifest = build_manifest(model)
     sd, tied = _dedupe_state_dict(model)
     for key, t in sd.items():  # no NaN is ever written: a non-finite float tensor (a norm, a bias) is refused by name
-        if t.is_floating_point() and not bool(t.isfinite().all()):
+        if not all_finite(t):
             from ..errors import NumericError
 
             raise NumericError(key, "holds NaN/Inf values; refusing to write the checkpoint")

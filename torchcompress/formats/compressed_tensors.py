@@ -12,7 +12,9 @@ Per quantized Linear ``name`` the checkpoint holds:
 Act-order results with non-sequential groups are refused (compressed-tensors removed that layout);
 static groups (sequential ``g_idx``) export as plain group quantization.
 
-One ``config_groups`` entry per distinct scheme, targeting its modules by exact name.
+One ``config_groups`` entry per distinct scheme, targeting its modules by exact name. FP8, INT8 W8A8,
+NVFP4 and MXFP4 layers (:mod:`..nn.scheme_linear`) write the formats listed in :mod:`.ct_schemes`; a model
+holding several formats is ``mixed-precision`` with each group naming its own.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..nn.quant_linear import QuantLinear
 from ..primitives.packing import pack, unpack
 from .atomic import atomic_directory
 from .checkpoint import write_hf_files
+from .ct_schemes import SCHEME_MODULES, scheme_group, scheme_tensors
 
 FORMAT = "pack-quantized"
 
@@ -75,12 +78,18 @@ def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokeni
 
     if not (hasattr(model, "config") and hasattr(model.config, "to_dict")):
         raise FormatError(str(out_dir), "compressed-tensors export needs a Hugging Face model (with .config)")
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear,) + SCHEME_MODULES)}
     if not quant:
         raise FormatError(str(out_dir), "the model has no quantized Linear layer to export")
     groups: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, m in quant.items():
+        if isinstance(m, SCHEME_MODULES):
+            group = scheme_group(m)
+            key = json.dumps(group, sort_keys=True)
+            groups.setdefault(key, {"targets": [], **group})["targets"].append(name)
+            tensors.update(scheme_tensors(name, m))
+            continue
         if not m.is_packed:
             raise FormatError(name, "is a fake-quant QuantLinear; call freeze_(model) first")
         if isinstance(m, GPTQLinear) and not torch.equal(m.g_idx, torch.arange(m.in_features, dtype=torch.int32) // m.group_size):
@@ -106,7 +115,9 @@ def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokeni
         seen[ident] = key
         tensors[key] = t.detach().contiguous().cpu()
     ignore = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    qcfg = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+    formats = {g["format"] for g in groups.values()}
+    qcfg = {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
             "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
             "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
     out_dir = Path(out_dir)

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..formats.atomic import atomic_write_bytes
+from ..formats.checkpoint import all_finite
 from .shards import INDEX_NAME, write_safetensors
 
 STATE = "state.json"
@@ -90,7 +91,7 @@ class ShardWriter:
             return
         tmp = self.dir / f".{name}.tmp"
         for key, t in tensors.items():  # no NaN is ever written: a non-finite float tensor is refused by name
-            if t.is_floating_point() and not bool(t.isfinite().all()):
+            if not all_finite(t):
                 from ..errors import NumericError
 
                 raise NumericError(key, "holds NaN/Inf values; refusing to write the checkpoint")

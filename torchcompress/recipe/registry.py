@@ -16,7 +16,8 @@ from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPrun
 from ..prune.stages import run_prune_stage
 from ..quant.gguf_config import GGUFConfig
 from ..training.config import DistillConfig, QATTrainConfig
-from .stage_runners import run_distill, run_gguf, run_gptq, run_qat, run_quantize
+from ..quant.scheme_config import SCHEME_STAGE_KINDS, FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config
+from .stage_runners import run_distill, run_gguf, run_gptq, run_qat, run_quantize, run_scheme, run_smoothquant
 
 STAGE_KINDS: dict[str, type] = {
     **CORE_KINDS,  # rtn, qat_prepare (and any kind a config module registers beside its class)
@@ -30,6 +31,7 @@ STAGE_KINDS: dict[str, type] = {
     "svd": SVDConfig,
     "qat": QATTrainConfig,
     "distill": DistillConfig,
+    **SCHEME_STAGE_KINDS,  # fp8, w8a8_int8, smoothquant, fp4 (issue #21)
 }
 
 RUNNERS: dict[type, Callable] = {
@@ -46,4 +48,8 @@ RUNNERS: dict[type, Callable] = {
     SVDConfig: run_svd_stage,
     QATTrainConfig: run_qat,
     DistillConfig: run_distill,
+    FP8Config: run_scheme,
+    W8A8Int8Config: run_scheme,
+    FP4Config: run_scheme,
+    SmoothQuantConfig: run_smoothquant,
 }

@@ -63,3 +63,21 @@ def run_distill(model: nn.Module, stage: Stage, records: list, calib_data) -> No
     from ..training.stages import run_distill as run
 
     run(model, stage, records, calib_data)
+
+
+def run_scheme(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    """FP8 / INT8 W8A8 / FP4 (issue #21)."""
+    from ..quant.schemes import apply_scheme_
+
+    apply_scheme_(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
+                  on_module=record_quant(stage, records))
+
+
+def run_smoothquant(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.smoothquant import smoothquant_model
+
+    blocks = smoothquant_model(model, stage.config.alpha, calib_data)  # float function unchanged; no module replaced
+    for name in blocks:  # one record per smoothed block (weights rescaled in place, same bytes)
+        m = model.get_submodule(name)
+        params, size = sum(p.numel() for p in m.parameters()), tensor_bytes(m)
+        records.append(LayerRecord(stage.name, name, stage.kind, params, size, size))
