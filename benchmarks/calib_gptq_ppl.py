@@ -31,11 +31,11 @@ a = p.parse_args()
 torch.set_num_threads(a.threads)
 lm = load_model("default"); tok = lm.tokenizer
 if a.method == "rtn":
-    from torchcompress.calibration.runner import decoder_blocks
+    from torchcompress.pipeline.skeleton import find_blocks
     from torchcompress.primitives.affine import compute_qparams, dequantize_affine, quantize_with_qparams, search_qparams
     sch = QuantScheme(bits=a.bits, group_size=a.group, symmetric=False)
     with torch.no_grad():
-        for m in decoder_blocks(lm.model).modules():
+        for m in find_blocks(lm.model)[1].modules():
             if isinstance(m, torch.nn.Linear):
                 s, z, gs = (search_qparams if a.mse else compute_qparams)(m.weight, sch)
                 m.weight.copy_(dequantize_affine(quantize_with_qparams(m.weight, s, z, a.bits, gs), s, z, a.bits, gs))

@@ -117,19 +117,35 @@ def smooth_block(block: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
 STAT_NAMES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
-def smoothquant_model(model: nn.Module, alpha: float, calib) -> list[str]:
-    """Gather activation maxima over ``calib`` on the whole model, then smooth every decoder block.
-    Returns the names of the blocks smoothed."""
-    from ..calibration.runner import decoder_blocks
-    from .act_stats import input_absmax
+def smoothquant_step(alpha: float):
+    """SmoothQuant as a step of the block pipeline: the block's input maxima over the calibration
+    tokens (summed -- max-reduced -- across processes), then :func:`smooth_block`."""
+    from ..errors import ConfigError
+    from ..pipeline.engine import BlockStep
 
-    blocks = decoder_blocks(model)
-    prefix = {id(b): n for n, b in model.named_modules() if any(b is x for x in blocks)}
-    names = [f"{prefix[id(b)]}.{s}" for b in blocks for s in STAT_NAMES]
-    stats = input_absmax(model, names, calib)
-    out = []
-    for b in blocks:
-        p = prefix[id(b)]
-        smooth_block(b, {s: stats[f"{p}.{s}"] for s in STAT_NAMES}, alpha)
-        out.append(p)
-    return out
+    def apply(ctx):
+        try:
+            lins = {s: ctx.block.get_submodule(s) for s in STAT_NAMES}
+        except AttributeError:
+            raise ConfigError("smoothquant", f"{ctx.prefix.rstrip('.')}: needs Llama-style {', '.join(STAT_NAMES)} "
+                              "modules") from None
+        stats = ctx.collect(lins, "absmax")
+        smooth_block(ctx.block, {s: stats[s].sum.float() for s in STAT_NAMES}, alpha)
+
+    return BlockStep(apply, name="smoothquant")
+
+
+def smoothquant_model(model: nn.Module, alpha: float, calib) -> list[str]:
+    """Smooth every decoder block on the block pipeline (activation maxima of each block's inputs,
+    which smoothing earlier blocks leaves unchanged in float). Returns the names of the blocks smoothed."""
+    from ..pipeline.engine import run_in_memory
+    from ..pipeline.skeleton import find_blocks
+
+    if calib is None:
+        from ..errors import ConfigError
+
+        raise ConfigError("calib_data", "SmoothQuant needs calibration data (activation maxima): pass a CalibrationSet "
+                          "or use the CLI's --calib")
+    prefix, blocks = find_blocks(model)
+    run_in_memory(model, [smoothquant_step(alpha)], calib)
+    return [f"{prefix}.{i}" for i in range(len(blocks))]
