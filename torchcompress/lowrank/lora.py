@@ -81,7 +81,8 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def merge_lora_(model: nn.Module, *, unload: bool = True) -> dict[str, MergeError | None]:
     """Merge every adapter into its base; with ``unload`` replace each LoRALinear by its base.
 
-    Returns ``{module name: MergeError or None}`` (None: float base, merged exactly)."""
+    Returns ``{module name: MergeError or None}`` (None: dense float base, merged exactly; a pruned base
+    or a quantized one reports what the merge lost)."""
     errors = {}
     for name, m in lora_modules(model):
         errors[name] = m.merge(name=f"{name}.weight")
