@@ -253,7 +253,7 @@ def gptq_model(
                         if res.fallback:
                             log.warning("%s%s: Hessian not positive definite even with 1000x damping; "
                                         "fell back to round-to-nearest", bprefix, n)
-                        new = module_from_gptq(lin, res, cfg.scheme).to(dev)
+                        new = module_from_gptq(lin, res, cfg.scheme, cfg).to(dev)
                         set_submodule(model, bprefix + n, new)
                         if on_loss is not None:
                             on_loss(bprefix + n, layer_error(new.dequantize(torch.float32).cpu(),

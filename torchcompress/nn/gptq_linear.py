@@ -91,17 +91,45 @@ class GPTQLinear(QuantLinear):
 
 
 def gptq_linear_manifest(m: GPTQLinear) -> dict:
-    return {"type": "GPTQLinear", "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "scheme": m.scheme.to_dict()}
+    d = {"type": "GPTQLinear", "in_features": m.in_features, "out_features": m.out_features,
+         "bias": m.bias is not None, "scheme": m.scheme.to_dict()}
+    if getattr(m, "gptq_info", None):
+        d["gptq"] = dict(m.gptq_info)
+    return d
 
 
 def gptq_linear_from_manifest(entry: dict, device="meta") -> GPTQLinear:
-    return GPTQLinear(int(entry["in_features"]), int(entry["out_features"]), bool(entry["bias"]),
-                      QuantScheme.from_dict(entry["scheme"]), device=device)
+    m = GPTQLinear(int(entry["in_features"]), int(entry["out_features"]), bool(entry["bias"]),
+                   QuantScheme.from_dict(entry["scheme"]), device=device)
+    if isinstance(entry.get("gptq"), dict):
+        m.gptq_info = dict(entry["gptq"])
+    return m
 
 
-def module_from_gptq(linear: nn.Linear, result, scheme: QuantScheme) -> QuantLinear:
-    """The smallest module that computes with ``result``: QuantLinear when groups are sequential."""
+def gptq_run_info(result, config=None) -> dict:
+    """What produced a GPTQ layer, for export metadata: kept on the module as ``gptq_info`` and in its
+    manifest entry. ``config``: the stage's GPTQConfig (requested damping, true-sequential)."""
+    info = {"act_order": bool(getattr(result, "act_order", False)),
+            "static_groups": bool(getattr(result, "static_groups", False)),
+            "observer": str(getattr(result, "observer", "minmax")),
+            "fallback_rtn": bool(result.fallback)}
+    used = float(result.damp)
+    info["damp_used"] = None if used != used else used  # nan (RTN fallback) -> None
+    if config is not None:
+        info.update(damp=float(config.damp), true_sequential=bool(config.true_sequential),
+                    block_size=int(config.block_size))
+    return info
+
+
+def module_from_gptq(linear: nn.Linear, result, scheme: QuantScheme, config=None) -> QuantLinear:
+    """The smallest module that computes with ``result``: QuantLinear when groups are sequential.
+    The module's ``gptq_info`` records the run (:func:`gptq_run_info`)."""
+    mod = _module_from_gptq(linear, result, scheme)
+    mod.gptq_info = gptq_run_info(result, config)
+    return mod
+
+
+def _module_from_gptq(linear: nn.Linear, result, scheme: QuantScheme) -> QuantLinear:
     if result.sequential_groups or scheme.granularity is not Granularity.GROUP:
         mod = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme, device="meta")
         mod.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -35,6 +35,9 @@ class GPTQResult:
     fallback: bool  # True: the Hessian could not be factored even with extra damping; RTN used
     dead_columns: int
     bits: int
+    act_order: bool = False  # the settings of the run, for export metadata
+    static_groups: bool = False
+    observer: str = "minmax"  # "mse": clip-searched ranges (search_qparams)
 
     @property
     def sequential_groups(self) -> bool:
@@ -244,7 +247,8 @@ def gptq_quantize(
         g_idx = torch.arange(k, dtype=torch.int32) // gs
     else:  # dynamic groups: by position in the quantization order
         g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
-    return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits)
+    return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits,
+                      act_order, static_groups, "mse" if mse else "minmax")
 
 
 def _has_triton() -> bool:
