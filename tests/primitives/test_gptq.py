@@ -259,3 +259,27 @@ def test_mask_bad_shape_is_named():
     w, _, h = _problem()
     with pytest.raises(NumericError, match="layer.w"):
         gptq_quantize(w, h, QuantScheme(bits=4, group_size=64), mask=torch.ones(3, 3, dtype=torch.bool), name="layer.w")
+
+
+@pytest.mark.parametrize("sym,act_order", [(True, True), (False, False)])
+def test_rtn_fallback_keeps_mask_dead_columns_and_mse(sym, act_order):
+    # issue 20 item 6: when no damping factors the Hessian, the fallback used to quantize the raw weight
+    from torchcompress.primitives.affine import quantize_with_qparams, search_qparams
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=g)
+    keep = torch.rand(16, 64, generator=g) > 0.5
+    h = -torch.eye(64, dtype=torch.float64)  # negative definite: every damping level fails
+    h[5, 5] = h[9, 9] = 0.0  # dead inputs
+    scheme = QuantScheme(bits=3, group_size=16, symmetric=sym)
+    res = gptq_quantize(w, h, scheme, act_order=act_order, mse=True, mask=keep)
+    assert res.fallback
+    wq = res.dequantize()
+    assert torch.equal(wq[~keep], torch.zeros_like(wq[~keep]))  # pruned: exactly 0
+    assert torch.equal(wq[:, [5, 9]], torch.zeros(16, 2))  # dead columns: exactly 0
+    prepared = w * keep
+    prepared[:, [5, 9]] = 0
+    s, z, gs = search_qparams(prepared, scheme)  # the clip-searched ranges of what GPTQ would have quantized
+    assert torch.equal(res.scale, s) and (z is None or torch.equal(res.zero, z))
+    assert torch.equal(res.codes, quantize_with_qparams(prepared, s, z, 3, gs))
+    assert torch.equal(res.g_idx, torch.arange(64, dtype=torch.int32) // 16)
