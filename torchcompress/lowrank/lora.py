@@ -90,7 +90,7 @@ def merge_lora_(model: nn.Module, *, unload: bool = True) -> dict[str, MergeErro
             set_submodule(model, name, m.base_layer)
         if errors[name] is not None:
             e = errors[name]
-            log.info("merge %s into %s: re-quantization SQNR %.1f dB, max |err| %.3g", name, e.base_kind, e.sqnr_db, e.max_abs)
+            log.info("merge %s into %s: merged-weight SQNR %.1f dB, max |err| %.3g", name, e.base_kind, e.sqnr_db, e.max_abs)
     return errors
 
 
