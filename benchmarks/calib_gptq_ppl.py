@@ -23,6 +23,8 @@ p.add_argument("--samples", type=int, default=32); p.add_argument("--damp", type
 p.add_argument("--bits", type=int, default=3); p.add_argument("--group", type=int, default=64)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--mse", action="store_true", help="GPTQConfig(mse=True): clip-searched group ranges")
+p.add_argument("--static-groups", action="store_true",
+               help="GPTQConfig(static_groups=True): act-order with per-contiguous-group parameters (the bundled recipes)")
 p.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
                help="rtn: no calibration, round-to-nearest of every decoder linear (with --mse: clip-searched ranges)")
 p.add_argument("--heldout", default="/usr/share/common-licenses/GPL-3")
@@ -49,7 +51,8 @@ from torchcompress.calibration.data import parse_sources
 srcs, weights = parse_sources(a.source)
 calib = build_calibration(CalibrationConfig(sources=srcs, weights=weights, num_samples=a.samples, seq_len=512, selfgen=sg), lm.model, tok)
 t1 = time.time()
-cfg = GPTQConfig(QuantScheme(bits=a.bits, group_size=a.group, symmetric=False), act_order=True, true_sequential=False, damp=a.damp, mse=a.mse)
+cfg = GPTQConfig(QuantScheme(bits=a.bits, group_size=a.group, symmetric=False), act_order=True, true_sequential=False, damp=a.damp, mse=a.mse,
+                static_groups=a.static_groups)
 gptq_model(lm.model, cfg, calib)
 t2 = time.time()
 text, desc = load_text(a.heldout)

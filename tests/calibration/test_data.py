@@ -179,3 +179,17 @@ def test_selfgen_start_tokens():
     with pytest.raises(ConfigError, match="selfgen.start"):
         selfgen_mod._start_ids(chat, "<nope>")
     assert selfgen_mod._prefix(chat, SelfGenConfig(start="document", prompt="the"))[0] == doc
+
+
+@pytest.mark.parametrize("mode", ["random", "packed"])
+def test_self_samples_each_used_once(tok, model, mode):
+    # every generated sample is one calibration row: none repeated, none dropped (issue 20 item 1)
+    n = 24
+    calib = build_calibration(CalibrationConfig(sources=("self",), num_samples=n, seq_len=12, mode=mode,
+                                                selfgen=SelfGenConfig(batch_size=8, temperature=1.0)), model, tok)
+    rows = {tuple(r) for r in calib.input_ids.tolist()}
+    assert len(rows) == n
+    generated = selfgen_mod.generate(model, selfgen_mod._prefix(tok, SelfGenConfig()),
+                                     SelfGenConfig(num_samples=n, seq_len=12, batch_size=8, seed=0))
+    assert rows == {tuple(r) for r in generated.tolist()}
+    assert calib.attention_mask.eq(1).all()

@@ -42,4 +42,5 @@ stages:
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 1
     rc, so, se = run("info", out)
-    assert rc == 0, se and "QuantLinear" in so
+    assert rc == 0, se
+    assert "QuantLinear" in so, so

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torchcompress import ConfigError, QuantScheme
 from torchcompress.errors import InputError
 from torchcompress.nn.gguf_linear import GGUFLinear
-from torchcompress.nn.lora_linear import LoRALinear
+from torchcompress.nn.lora_linear import LoRALinear, MergeError
 from torchcompress.nn.quant_linear import QuantLinear
 from torchcompress.primitives.gguf_common import GGMLType
 
@@ -169,3 +169,34 @@ def test_quantizing_after_add_lora_keeps_adapters_float():
         assert isinstance(model[i], LoRALinear) and isinstance(model[i].base_layer, QuantLinear)
         assert type(model[i].lora_A) is nn.Linear and type(model[i].lora_B) is nn.Linear
     assert model(torch.randn(3, 64)).shape == (3, 32)
+
+
+def test_merge_into_pruned_base_keeps_sparsity_and_reports_the_loss():
+    # issue 20 item 4: the update used to be added to the dense weight and cut by the mask in forward, while
+    # merge() reported an exact (None) merge
+    from torchcompress.nn.pruned_linear import PrunedLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    mask = torch.rand(16, 32) > 0.5
+    pruned = PrunedLinear.from_linear(lin, mask)
+    lora = LoRALinear(pruned, r=4, alpha=8)
+    nn.init.normal_(lora.lora_B.weight, std=0.5)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        before = lora(x)
+        delta = lora.delta_weight()
+    err = lora.merge()
+    assert isinstance(err, MergeError) and err.base_kind == "PrunedLinear"
+    lost = delta * ~mask  # the part of the update that lands on pruned weights
+    assert err.max_abs == pytest.approx(float(lost.abs().max()), rel=1e-6)
+    assert err.mse == pytest.approx(float(lost.pow(2).mean()), rel=1e-5)
+    base = lora.base_layer
+    assert torch.equal(base.weight[~mask], torch.zeros_like(base.weight[~mask]))  # still pruned, in the stored weight
+    with torch.no_grad():
+        got = lora(x)
+        want = before - x @ lost.T  # the adapter's output less exactly the dropped part
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    lora.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), before, rtol=1e-5, atol=1e-5)

@@ -139,3 +139,26 @@ def test_sequential_g_idx_uses_int_kernels_directly(ext):
     assert fast is not None
     ref = _ref(x, qw, scale, zero, g_idx, None, 4, k)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_gptq_linear_forward_does_not_read_tensors_back_each_call(ext, monkeypatch):
+    # issue 20 item 8: act-order (and sequential-g_idx GPTQLinear) layers computed int((g_idx == 0).sum()) and
+    # torch.equal on every forward: a device sync that CUDA graphs cannot capture. Now the kernel layout and
+    # group size are computed once (pack/load time) and cached; a forward must not turn a tensor into a number.
+    act, x = _gptq_module()
+    seq, _ = _gptq_module(act_order=False)
+    seq = GPTQLinear.from_gptq(torch.nn.Linear(seq.in_features, seq.out_features), type("R", (), {
+        "codes": unpack(seq.qweight, 4, seq.in_features), "scale": seq.scale, "zero": seq.zero,
+        "g_idx": torch.arange(seq.in_features, dtype=torch.int32) // 64}), seq.scheme)  # trivial g_idx, as load_gptq builds
+    want = [m(x) for m in (act, seq)]
+
+    def no_readback(*a, **k):
+        raise AssertionError("a tensor was read back to the host during forward")
+
+    monkeypatch.setattr(torch.Tensor, "__int__", no_readback)
+    monkeypatch.setattr(torch.Tensor, "item", no_readback)
+    monkeypatch.setattr(torch, "equal", no_readback)
+    for m, y in zip((act, seq), want):
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(m(x), y, rtol=0, atol=0)  # through the dispatcher (grad mode)

@@ -23,7 +23,7 @@ def _points(otel) -> dict:
     ms = otel.metrics()
     if N.M_INFER[0] not in ms:
         return {}
-    assert ms[N.M_INFER[0]].unit == "ms"
+    assert ms[N.M_INFER[0]].unit == "s"
     return {(p.attributes[N.SCOPE_KIND], p.attributes.get(N.MODULE)): p
             for p in ms[N.M_INFER[0]].data.data_points}
 
@@ -44,7 +44,7 @@ def test_every_forward_timed_at_ratio_1_and_hooks_removed(otel):
     assert pts[("module", "0")].attributes[N.MODULE_TYPE] == "Linear"
     # the model's time includes its modules'
     assert pts[("model", None)].sum >= pts[("module", "0")].sum + pts[("module", "2")].sum
-    assert h.count == 5 and h.mean_ms == pytest.approx(pts[("model", None)].sum / 5)
+    assert h.count == 5 and h.mean_ms == pytest.approx(pts[("model", None)].sum / 5 * 1000)  # metric in s
     assert uninstrument(m) == 1 and _hooks(m) == 0 and not hasattr(m, "_torchcompress_instrumentation")
     m(x)
     assert _points(otel)[("model", None)].count == 5
@@ -177,5 +177,5 @@ def test_cuda_forwards_are_timed_on_the_gpu_without_synchronizing(otel):
     assert sleep.count == 3 and model.count == 3 and h.count == 3
     assert sleep.attributes[N.DEVICE] == "cuda" and model.attributes[N.DEVICE] == "cuda"
     # GPU time, not the microseconds a CPU clock would have seen; the model's includes the module's
-    assert sleep.sum / 3 == pytest.approx(gpu_ms, rel=0.2)
-    assert model.sum >= sleep.sum and h.mean_ms == pytest.approx(model.sum / 3)
+    assert sleep.sum / 3 * 1000 == pytest.approx(gpu_ms, rel=0.2)  # the metric is in s
+    assert model.sum >= sleep.sum and h.mean_ms == pytest.approx(model.sum / 3 * 1000)

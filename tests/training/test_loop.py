@@ -89,3 +89,51 @@ def test_causal_lm_loss_ignores_padding():
     with torch.no_grad():
         full, _ = causal_lm_loss(model, ids, mask)
         assert float(causal_lm_loss(model, ids2, mask)[0]) == pytest.approx(float(full), rel=1e-6)
+
+
+class _MetaLM(torch.nn.Module):
+    """A causal LM on the meta device: records where its inputs live and returns logits there."""
+
+    def __init__(self, vocab=32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8, device="meta")
+        self.head = torch.nn.Linear(8, vocab, device="meta")
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        self.seen.append((input_ids.device.type, None if attention_mask is None else attention_mask.device.type))
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(self.emb(input_ids)))
+
+
+def test_causal_lm_loss_and_distiller_move_batches_to_the_model_device():
+    # CPU batches, a model elsewhere (meta stands in for CUDA): before the fix the forward saw CPU ids
+    ids, mask = torch.randint(0, 32, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    student = _MetaLM()
+    loss, _ = causal_lm_loss(student, ids, mask)
+    assert loss.device.type == "meta" and student.seen == [("meta", "meta")]
+    teacher, student = _MetaLM(), _MetaLM()
+    loss, _ = Distiller(teacher, KDConfig(hard_weight=0.5)).loss(student, ids, mask, ids.clone())
+    assert loss.device.type == "meta"
+    assert teacher.seen == [("meta", "meta")] and student.seen == [("meta", "meta")]
+
+
+class _DeviceRecorder(torch.nn.Module):
+    """Its first parameter lives on meta (the 'accelerator'); a CPU parameter carries the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1, device="meta"))
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+
+def test_train_loop_moves_batches_to_the_model_device():
+    model, seen = _DeviceRecorder(), []
+
+    def loss_fn(m, ids, mask):
+        seen.append((ids.device.type, mask.device.type))
+        return (m.w ** 2).sum(), {}
+
+    train(model, _data(), loss_fn, TrainSettings(steps=2, lr=1e-2))
+    assert seen == [("meta", "meta")] * 2

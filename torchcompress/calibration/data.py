@@ -168,7 +168,9 @@ def build_calibration(cfg: CalibrationConfig, model, tokenizer) -> CalibrationSe
         docs = as_long(docs)
         if not docs:
             raise CalibrationDataError(src, "holds no text")
-        if cfg.mode == "random":
+        if src == "self":  # exactly n samples of seq_len were generated for this set: each is one row, once
+            got = [d[: cfg.seq_len] for d in docs[:n]]
+        elif cfg.mode == "random":
             got = _random_windows(docs, n, cfg.seq_len, gen)
         else:
             got = _packed(docs, n, cfg.seq_len, gen, getattr(tokenizer, "eos_token_id", None))

@@ -29,6 +29,19 @@ def _hidden(out):
     return hs
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the device of its first parameter (else buffer; CPU when it has none)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
+
+
 class Distiller:
     def __init__(self, teacher: nn.Module, config: KDConfig = KDConfig(), projections: nn.ModuleDict | None = None):
         self.teacher = teacher
@@ -41,19 +54,22 @@ class Distiller:
     def teacher_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         self.teacher.eval()  # a caller's model.train() on a shared parent must not re-enable dropout
         kw = {"output_hidden_states": True} if self.config.hidden_weight else {}
-        return self.teacher(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        dev = module_device(self.teacher)
+        return self.teacher(input_ids=_on(input_ids, dev), attention_mask=_on(attention_mask, dev), **kw)
 
     def loss(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, student_out=None) -> tuple[torch.Tensor, dict]:
         """KD loss of ``student`` on a causal-LM batch (targets are the next tokens; ``labels`` may
         carry -100 for ignored positions). ``student_out`` reuses an already computed forward."""
         cfg = self.config
+        dev = module_device(student)  # batches may come from the CPU: compute where the student lives
+        input_ids, attention_mask, labels = _on(input_ids, dev), _on(attention_mask, dev), _on(labels, dev)
         t_out = self.teacher_outputs(input_ids, attention_mask)
         if student_out is None:
             kw = {"output_hidden_states": True} if cfg.hidden_weight else {}
             student_out = student(input_ids=input_ids, attention_mask=attention_mask, **kw)
         s_logits, tgt, mask = shift_for_causal_lm(_logits(student_out), input_ids, attention_mask, labels)
-        t_logits = _logits(t_out)[:, :-1]
+        t_logits = _logits(t_out)[:, :-1].to(dev)
         loss, parts = kd_loss(s_logits.float(), t_logits.float(), tgt, mask, temperature=cfg.temperature,
                               soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, ignore_index=cfg.ignore_index)
         if cfg.hidden_weight:

@@ -94,7 +94,8 @@ def hidden_state_loss(
         for idx, hs, who in ((s_i, student_hidden, "student"), (t_i, teacher_hidden, "teacher")):
             if not -len(hs) <= idx < len(hs):
                 raise InputError(f"hidden_state_loss: {who} layer index {idx} out of range (have {len(hs)} hidden states)")
-        hs, ht = student_hidden[s_i], teacher_hidden[t_i].detach()
+        hs = student_hidden[s_i]
+        ht = teacher_hidden[t_i].detach().to(hs.device)  # a teacher may sit on another device
         if projections is not None and str(s_i) in projections:
             hs = projections[str(s_i)](hs)
         if hs.shape != ht.shape:

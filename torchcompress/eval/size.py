@@ -23,10 +23,37 @@ def _persistent_buffer_names(model: nn.Module) -> set:
     return set(model.state_dict().keys())
 
 
+def _mask_bytes(model: nn.Module) -> int:
+    """Bytes of the pruning masks a checkpoint holds beyond the module tensors (packed bits, if any)."""
+    from ..nn.pruned_linear import PrunedLinear
+
+    return sum(m.stored_mask_bytes() for m in model.modules() if isinstance(m, PrunedLinear)
+               and m.mask_storage_now() != "bool")
+
+
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors a checkpoint of ``model`` stores (persistent, tied tensors counted once)."""
+    """Bytes of the tensors a checkpoint of ``model`` stores (persistent, tied tensors counted once).
+
+    A pruned layer counts as its dense weight (its zeros stored as zeros) plus the mask only where the
+    checkpoint needs one (packed bits); see :func:`sparse_bytes` for a sparse format's size."""
     keep = _persistent_buffer_names(model)
-    return sum(t.numel() * t.element_size() for n, t in _unique_tensors(model) if n in keep)
+    return sum(t.numel() * t.element_size() for n, t in _unique_tensors(model) if n in keep) + _mask_bytes(model)
+
+
+def sparse_bytes(model: nn.Module) -> int | None:
+    """Bytes of the model with its 2:4-pruned Linears in compressed-tensors' ``sparse-24-bitmask``
+    layout (the kept values, (N, K/2) in the weight dtype, plus a bitmask of (N, ceil(K/8)) bytes);
+    None when no layer is 2:4-pruned (unstructured sparsity has no sparse format written here)."""
+    from ..nn.pruned_linear import PrunedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, PrunedLinear) and m.nm == (2, 4) and m.in_features % 4 == 0]
+    if not layers:
+        return None
+    total = model_bytes(model)
+    for m in layers:
+        n, k, elt = m.out_features, m.in_features, m.weight.element_size()
+        total += n * (k // 2) * elt + n * (-(-k // 8)) - n * k * elt - m.stored_mask_bytes()
+    return total
 
 
 def bytes_by_module_type(model: nn.Module) -> dict[str, int]:

@@ -12,12 +12,21 @@ Per quantized Linear ``name`` (weight (N, K), G groups):
 * ``name.bias`` when the layer has one.
 
 Asymmetric layers whose zero point is 0 somewhere cannot be written in v1 (``0 - 1`` wraps) and are
-refused, as are widths where ``K*b`` or ``N*b`` is not a multiple of 32.
+refused, as are widths where ``K*b`` or ``N*b`` is not a multiple of 32, and layers whose width is
+not a multiple of the group size (a partial last group, which vLLM's GPTQ loader rejects).
+
+``quantize_config`` describes the run from the layers' ``gptq_info`` (see ``nn/gptq_linear.py``):
+``damp_percent``, ``true_sequential``, ``static_groups``, ``act_order`` and ``observer`` as the stage
+ran; ``desc_act`` is true only where some layer's ``g_idx`` is not ``arange(K) // group_size``
+(dynamic act-order groups; static groups keep it trivial, the layout vLLM serves). RTN layers
+(``quantizer: rtn``) claim no GPTQ settings.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -31,6 +40,60 @@ from ..nn.quant_linear import QuantLinear
 from ..primitives.packing import pack, unpack
 from .atomic import atomic_directory
 from .checkpoint import write_hf_files
+
+log = logging.getLogger(__name__)
+_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def _trivial_g_idx(m: QuantLinear) -> bool:
+    if not isinstance(m, GPTQLinear):
+        return True
+    return bool(torch.equal(m.g_idx.cpu(), torch.arange(m.in_features, dtype=torch.int32) // m.group_size))
+
+
+def _check_whole_groups(quant: dict) -> None:
+    widths = [m.in_features for m in quant.values()]
+    common = math.gcd(*widths)
+    for name, m in quant.items():
+        gs = m.scheme.group_size
+        if m.in_features % gs:
+            fits = ", ".join(str(g) for g in _GROUP_SIZES if common % g == 0) or "none of 16-1024"
+            raise FormatError(name, f"in_features {m.in_features} is not a multiple of group_size {gs}: a partial "
+                              f"last group, which GPTQ loaders (vLLM) reject; group sizes that divide every "
+                              f"quantized layer's width here: {fits}")
+
+
+def _run_metadata(quant: dict) -> dict:
+    """quantize_config keys that describe how the layers were made (one value per key, or refused)."""
+    infos = [getattr(m, "gptq_info", None) for m in quant.values()]
+    desc_act = not all(_trivial_g_idx(m) for m in quant.values())
+    if all(i is None for i in infos):
+        return {"desc_act": desc_act, "static_groups": False, "quantizer": "rtn"}
+    if any(i is None for i in infos):
+        rtn = [n for n, m in quant.items() if getattr(m, "gptq_info", None) is None]
+        raise FormatError(rtn[0], f"is RTN-quantized while other layers are GPTQ ({len(rtn)} RTN layer(s)); "
+                          "the GPTQ config describes one run")
+    out = {"desc_act": desc_act, "quantizer": "gptq"}
+    keys = {"damp": "damp_percent", "true_sequential": "true_sequential", "static_groups": "static_groups",
+            "act_order": "act_order", "observer": "observer"}
+    for key, field in keys.items():
+        values = {json.dumps(i.get(key)) for i in infos if key in i}
+        if len(values) > 1:
+            raise FormatError(field, f"the layers were quantized with different {key} settings {sorted(values)}; "
+                              "the GPTQ config holds one")
+        if values:
+            value = json.loads(values.pop())
+            if field == "damp_percent" and not (0 < value < 1):  # loaders (transformers) accept (0, 1) only
+                out["torchcompress_damp"] = value
+                continue
+            out[field] = value
+    fell = [n for n, m in quant.items() if m.gptq_info.get("fallback_rtn")]
+    if fell:
+        out["rtn_fallback_layers"] = fell
+    if desc_act:
+        log.warning("GPTQ export with dynamic act-order groups (desc_act true): vLLM refuses such checkpoints; "
+                    "quantize with static_groups: true for a layout it serves")
+    return out
 
 
 def _words(stream: torch.Tensor) -> torch.Tensor:
@@ -100,6 +163,11 @@ def save_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> P
     if len(schemes) != 1:
         raise FormatError(str(out_dir), f"the GPTQ config holds one scheme; the model mixes {sorted(schemes)}")
     bits, group, sym = schemes.pop()
+    for name, m in quant.items():
+        if m.scheme.granularity is not Granularity.GROUP:
+            raise FormatError(name, "the GPTQ format holds group-wise layers only (use granularity: group)")
+    _check_whole_groups(quant)
+    meta = _run_metadata(quant)
     tensors = {}
     for name, m in quant.items():
         tensors.update(gptq_tensors(name, m))
@@ -111,10 +179,8 @@ def save_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> P
             continue
         seen.add(ident)
         tensors[key] = t.detach().contiguous().cpu()
-    desc_act = any(isinstance(m, GPTQLinear) for m in quant.values())
     qcfg = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group,
-            "desc_act": desc_act, "sym": sym, "static_groups": False, "true_sequential": True, "lm_head": False,
-            "damp_percent": 0.01}
+            "sym": sym, "lm_head": False, **meta}
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

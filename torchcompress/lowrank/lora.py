@@ -81,7 +81,8 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def merge_lora_(model: nn.Module, *, unload: bool = True) -> dict[str, MergeError | None]:
     """Merge every adapter into its base; with ``unload`` replace each LoRALinear by its base.
 
-    Returns ``{module name: MergeError or None}`` (None: float base, merged exactly)."""
+    Returns ``{module name: MergeError or None}`` (None: dense float base, merged exactly; a pruned base
+    or a quantized one reports what the merge lost)."""
     errors = {}
     for name, m in lora_modules(model):
         errors[name] = m.merge(name=f"{name}.weight")
@@ -89,7 +90,7 @@ def merge_lora_(model: nn.Module, *, unload: bool = True) -> dict[str, MergeErro
             set_submodule(model, name, m.base_layer)
         if errors[name] is not None:
             e = errors[name]
-            log.info("merge %s into %s: re-quantization SQNR %.1f dB, max |err| %.3g", name, e.base_kind, e.sqnr_db, e.max_abs)
+            log.info("merge %s into %s: merged-weight SQNR %.1f dB, max |err| %.3g", name, e.base_kind, e.sqnr_db, e.max_abs)
     return errors
 
 

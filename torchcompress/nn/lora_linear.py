@@ -78,6 +78,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.merge_error: MergeError | None = None
         self._unmerged_base: nn.Module | None = None  # a quantized base as it was before merge()
+        self._merged_delta: torch.Tensor | None = None  # what merge() added to a pruned base's kept weights
 
     def _base_device_dtype(self):
         b = self.base_layer
@@ -125,13 +126,19 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, name: str = "weight") -> MergeError | None:
         """Fold the update into the base. Float bases: exact (``W += scaling * B @ A``), returns None.
+        A :class:`PrunedLinear` base: the update is added to the kept weights only (the mask and its
+        N:M pattern stay); the part that falls on pruned weights is lost and reported as the error.
         Quantized bases: dequantize, add, re-quantize with the base's own scheme; the original base
         is kept so :meth:`unmerge` restores it bit for bit; returns (and stores) the added error."""
         if self.merged:
             return self.merge_error
         base = self.base_layer
         delta = self.delta_weight()
-        if _float_base(base):
+        from .pruned_linear import PrunedLinear
+
+        if isinstance(base, PrunedLinear):  # the update lands on the kept weights only: sparsity stays
+            self.merge_error = self._merge_pruned(base, delta)
+        elif _float_base(base):
             base.weight.data += delta.to(base.weight.dtype)
             self.merge_error = None
         else:
@@ -147,6 +154,17 @@ class LoRALinear(nn.Module):
         self.merged = True
         return self.merge_error
 
+    def _merge_pruned(self, base: nn.Module, delta: torch.Tensor) -> MergeError:
+        from ..eval.metrics import mse, sqnr
+
+        keep = base.mask.to(base.weight.dtype)
+        before = base.weight.detach().float() * keep.float()
+        target = before + delta.float()  # the exact (dense) merged weight
+        base.weight.data += (delta.to(base.weight.dtype) * keep)
+        got = base.weight.detach().float() * keep.float()
+        self._merged_delta = got - before  # what unmerge() takes back
+        return MergeError(mse(target, got), sqnr(target, got), float((target - got).abs().max()), type(base).__name__)
+
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` (float: ``W -= scaling * B @ A``; quantized: the original base back)."""
@@ -154,6 +172,9 @@ class LoRALinear(nn.Module):
             return
         if self._unmerged_base is not None:
             self.base_layer, self._unmerged_base = self._unmerged_base, None
+        elif getattr(self, "_merged_delta", None) is not None:  # a PrunedLinear base
+            self.base_layer.weight.data -= self._merged_delta.to(self.base_layer.weight.dtype)
+            self._merged_delta = None
         else:
             self.base_layer.weight.data -= self.delta_weight().to(self.base_layer.weight.dtype)
         self.merged = False

@@ -233,17 +233,23 @@ class QuantLinear(nn.Module):
 
 def quant_linear_manifest(m: QuantLinear) -> dict:
     """JSON-able description from which :func:`quant_linear_from_manifest` rebuilds an empty twin."""
-    return {
+    d = {
         "type": "QuantLinear",
         "in_features": m.in_features,
         "out_features": m.out_features,
         "bias": m.bias is not None,
         "scheme": m.scheme.to_dict(),
     }
+    if getattr(m, "gptq_info", None):  # quantized by GPTQ (sequential groups): how, for export metadata
+        d["gptq"] = dict(m.gptq_info)
+    return d
 
 
 def quant_linear_from_manifest(entry: dict, device="meta") -> QuantLinear:
-    return QuantLinear(
+    m = QuantLinear(
         int(entry["in_features"]), int(entry["out_features"]), bool(entry["bias"]),
         QuantScheme.from_dict(entry["scheme"]), device=device,
     )
+    if isinstance(entry.get("gptq"), dict):
+        m.gptq_info = dict(entry["gptq"])
+    return m

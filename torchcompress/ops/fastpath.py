@@ -109,21 +109,27 @@ def gptq_linear_fast(
     in_features: int,
     perm: Optional[torch.Tensor],
     qweight_sorted: Optional[torch.Tensor],
+    group_size: int = 0,
 ) -> Optional[torch.Tensor]:
     """``torchcompress::gptq_linear`` through the int_linear kernels, or ``None`` (the reference runs).
 
     With ``perm``/``qweight_sorted`` (act-order columns sorted by group, see
     :mod:`torchcompress.primitives.act_order`): ``int_linear(x[..., perm], qweight_sorted)``.
-    Without them only a sequential ``g_idx`` (``arange(K) // group_size``) is handled."""
+    Without them only a sequential ``g_idx`` (``arange(K) // group_size``) is handled.
+    ``group_size`` > 0: the kernel group size the caller computed once (GPTQLinear caches it with the
+    sorted layout; without ``perm`` it vouches that ``g_idx`` is sequential), so nothing is read back
+    from the device here (CUDA graphs, ``torch.compile``). 0: found from ``g_idx`` (a device sync)."""
     from ..primitives.act_order import sequential_group_size
 
     n_groups = scale.shape[1]
     if perm is not None and qweight_sorted is not None:
         if perm.device != x.device or x.shape[-1] != in_features:
             return None
-        group_size = int((g_idx == 0).sum()) if n_groups > 1 else in_features  # as sort_by_group found it
+        if group_size <= 0:  # as sort_by_group found it
+            group_size = int((g_idx == 0).sum()) if n_groups > 1 else in_features
         return int_linear_fast(x.index_select(-1, perm), qweight_sorted, scale, zero, bias, bits, group_size, in_features)
-    group_size = sequential_group_size(g_idx, in_features, n_groups)
-    if group_size is None:
-        return None
+    if group_size <= 0:
+        group_size = sequential_group_size(g_idx, in_features, n_groups)
+        if group_size is None:
+            return None
     return int_linear_fast(x, qweight, scale, zero, bias, bits, group_size, in_features)

@@ -9,6 +9,9 @@ reference, and fast kernels (:func:`~torchcompress.ops.fastpath.gptq_linear_fast
 * act-order: the caller passes the columns sorted by group once (``perm``, ``qweight_sorted``
   from :func:`~torchcompress.primitives.act_order.sort_by_group`; GPTQLinear caches them) and the
   int_linear kernels run on ``x[..., perm]`` and the sorted codes: the same products, reordered.
+
+``group_size`` (the kernel group size, cached by GPTQLinear with the layout) spares the fast path
+reading ``g_idx`` back from the device on every call.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ def gptq_linear_impl(
     in_features: int,
     perm: Optional[torch.Tensor] = None,
     qweight_sorted: Optional[torch.Tensor] = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     # detached: the native kernels' worker threads do not inherit autograd state; the gradient comes from _backward
     if selected_backend() is Backend.AUTO:
         out = gptq_linear_fast(x.detach(), qweight, scale, zero, g_idx, None if bias is None else bias.detach(),
-                               bits, in_features, perm, qweight_sorted)
+                               bits, in_features, perm, qweight_sorted, group_size)
         if out is not None:
             return out
     w = dequantize_g_idx_packed(qweight, scale, zero, g_idx, bits, in_features, x.dtype)  # (N, K)
@@ -55,7 +59,7 @@ gptq_linear = torch.library.custom_op("torchcompress::gptq_linear", mutates_args
 
 
 @gptq_linear.register_fake
-def _(x, qweight, scale, zero, g_idx, bias, bits, in_features, perm=None, qweight_sorted=None):
+def _(x, qweight, scale, zero, g_idx, bias, bits, in_features, perm=None, qweight_sorted=None, group_size=0):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -74,7 +78,7 @@ def _backward(ctx, grad_out):
         grad_x = (grad_out @ w).to(dtype)
     if has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 gptq_linear.register_autograd(_backward, setup_context=_setup_context)

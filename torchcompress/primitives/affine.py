@@ -10,8 +10,10 @@ Codes are always stored unsigned, in ``[0, 2^bits - 1]``:
 
 The scale is cast to the scheme's scale dtype *before* the codes are computed, so the stored
 (scale, zero, codes) triple reproduces ``w_hat`` exactly. Scales are kept finite and non-zero:
-an all-zero group gets scale 1, tiny groups get the smallest normal number of the scale dtype,
-huge ones the largest finite value (their codes then saturate).
+an all-zero group gets scale 1, tiny groups the smallest positive number of the scale dtype (fp16:
+its smallest subnormal, 2^-24; others: the smallest normal), huge ones the largest finite value (their codes then saturate). Subnormal fp16 scales (below
+6.1e-5: 8-bit rows of weights under ~8e-3) keep their rows' accuracy close to fp32 scales, where a
+floor at the smallest normal fp16 would make them coarse.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def _sanitize_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # All-zero groups: any scale reproduces them; 1 keeps the math finite.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     info = torch.finfo(dtype)
-    return scale.clamp(min=info.tiny, max=info.max).to(dtype)
+    # fp16: down to its smallest subnormal (2^-24); bf16/fp32 have fp32's exponent range, their normal floor
+    low = 2.0**-24 if dtype == torch.float16 else info.tiny
+    return scale.clamp(min=low, max=info.max).to(dtype)
 
 
 def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None, int]:

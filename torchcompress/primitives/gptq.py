@@ -35,6 +35,9 @@ class GPTQResult:
     fallback: bool  # True: the Hessian could not be factored even with extra damping; RTN used
     dead_columns: int
     bits: int
+    act_order: bool = False  # the settings of the run, for export metadata
+    static_groups: bool = False
+    observer: str = "minmax"  # "mse": clip-searched ranges (search_qparams)
 
     @property
     def sequential_groups(self) -> bool:
@@ -145,6 +148,7 @@ def gptq_quantize(
     elif static_groups:
         fixed = qparams(W, scheme)[:2]  # (N, G) in original column order
 
+    prepared = W  # masked, dead columns zeroed, original column order: what the RTN fallback quantizes
     perm = torch.arange(k)
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
@@ -153,7 +157,8 @@ def gptq_quantize(
 
     U, used = _inverse_cholesky(H, damp)
     if U is None:
-        return _rtn_fallback(w, scheme, int(dead.sum()))
+        return _rtn_fallback(prepared, scheme, int(dead.sum()), qparams, mask, act_order, static_groups,
+                             "mse" if mse else "minmax")
     U = U.float()
 
     G = num_groups(k, gs) if gran is Granularity.GROUP else 1
@@ -244,7 +249,8 @@ def gptq_quantize(
         g_idx = torch.arange(k, dtype=torch.int32) // gs
     else:  # dynamic groups: by position in the quantization order
         g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
-    return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits)
+    return GPTQResult(codes, scale, zero, g_idx, gs, used, False, int(dead.sum()), scheme.bits,
+                      act_order, static_groups, "mse" if mse else "minmax")
 
 
 def _has_triton() -> bool:
@@ -268,15 +274,26 @@ def _block_qparams(fixed, gran, cols: torch.Tensor, gs: int, cur_s, cur_z, n: in
     return cur_s.float().expand(n, b), None if cur_z is None else cur_z.float().expand(n, b)
 
 
-def _rtn_fallback(w: torch.Tensor, scheme: QuantScheme, dead: int) -> GPTQResult:
-    from .affine import quantize_affine
-
-    q = quantize_affine(w, scheme)
+def _rtn_fallback(w: torch.Tensor, scheme: QuantScheme, dead: int, qparams, mask, act_order: bool,
+                  static_groups: bool, observer: str) -> GPTQResult:
+    """Round-to-nearest of the weight GPTQ would have quantized (``w``: masked, dead columns zeroed),
+    with the same range choice (``qparams``: min/max or the mse clip search); pruned weights get the
+    code of exactly 0, as on the GPTQ path."""
+    scale, zero, gs = qparams(w, scheme)
+    codes = quantize_with_qparams(w, scale, zero, scheme.bits, gs)
+    if mask is not None:
+        n, k = w.shape
+        if zero is None:
+            zcode = torch.full_like(codes, 1 << (scheme.bits - 1))
+        else:
+            zcode = zero.expand(n, k) if zero.shape == (1, 1) else zero.repeat_interleave(gs, dim=1)[:, :k]
+        codes = torch.where(mask, codes, zcode.to(codes.dtype))
     k = w.shape[1]
-    g_idx = torch.arange(k, dtype=torch.int32) // q.group_size
+    g_idx = torch.arange(k, dtype=torch.int32) // gs
     if scheme.granularity is not Granularity.GROUP:
         g_idx.zero_()
-    return GPTQResult(q.codes, q.scale, q.zero, g_idx, q.group_size, float("nan"), True, dead, scheme.bits)
+    return GPTQResult(codes, scale, zero, g_idx, gs, float("nan"), True, dead, scheme.bits,
+                      act_order, static_groups, observer)
 
 
 def layer_error(w_hat: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:

@@ -68,7 +68,7 @@ def gptq_block(ctx: BlockContext, cfg: GPTQConfig, linears: dict[str, nn.Module]
                                 name=f"{full}.weight", mask=lin.mask if isinstance(lin, PrunedLinear) else None)
             if res.fallback:
                 log.warning("%s: Hessian not positive definite even with 1000x damping; fell back to round-to-nearest", full)
-            new = module_from_gptq(lin, res, cfg.scheme).to(w.device)
+            new = module_from_gptq(lin, res, cfg.scheme, cfg).to(w.device)
             set_submodule(ctx.block, n, new)
             if on_loss is not None:
                 h = hess[rep_of[n]]

@@ -99,6 +99,9 @@ def render_markdown(report: Report, has_sqnr_plot: bool) -> str:
         f"| tensor bytes after | {report.size_bytes_after:,} ({_mib(report.size_bytes_after)}) |",
         f"| compression ratio | {report.compression_ratio:.2f}x |",
     ]
+    if d.get("sparse_bytes_after"):
+        lines.append(f"| tensor bytes after, 2:4 layers sparse (values + bitmask) | {d['sparse_bytes_after']:,} "
+                     f"({_mib(d['sparse_bytes_after'])}, {report.size_bytes_before / d['sparse_bytes_after']:.2f}x) |")
     if "disk_bytes_after" in d:
         lines.append(f"| bytes on disk after | {d['disk_bytes_after']:,} ({_mib(d['disk_bytes_after'])}) |")
     for key, label in [("perplexity_before", "perplexity before"), ("perplexity_after", "perplexity after"),

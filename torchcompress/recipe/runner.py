@@ -83,6 +83,11 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
                 on_stage(rec)
         report.size_bytes_after = model_bytes(model)
         report.bytes_by_type_after = bytes_by_module_type(model)
+        from ..eval.size import sparse_bytes
+
+        sparse = sparse_bytes(model)  # 2:4 layers as compressed-tensors sparse-24-bitmask would store them
+        if sparse is not None:
+            report.extra["sparse_bytes_after"] = sparse
     return report
 
 

@@ -1,7 +1,7 @@
 """Inference timing through removable forward hooks: ``instrument(model)`` / ``uninstrument(model)``.
 
 Every forward of the model and of the chosen modules is timed into the histogram
-``torchcompress.inference.duration`` (ms). ``sample_ratio`` bounds the overhead: the decision is
+``torchcompress.inference.duration`` (s). ``sample_ratio`` bounds the overhead: the decision is
 made once per model forward (deterministically: every 1/ratio-th call), and below 1 the modules'
 hooks are registered for a sampled forward only (the model's pre-hook adds them, its post-hook
 takes them off), so an unsampled forward pays for the model's two hooks alone. On CUDA a forward
@@ -151,7 +151,7 @@ class Instrumentation:
             self.count += 1
             self.total_ms += ms
         try:
-            self.hist.record(ms, attrs)
+            self.hist.record(ms / 1000.0, attrs)  # the metric is in seconds (OpenTelemetry's unit for durations)
         except Exception as e:  # never let telemetry break a forward
             log.debug("telemetry: record failed: %s", e)
 
@@ -199,7 +199,7 @@ def instrument(model: nn.Module, modules: Iterable | None = None, *, sample_rati
     from .. import __version__
 
     hist = meter_provider.get_meter(N.SCOPE, __version__).create_histogram(
-        N.M_INFER[0], unit=N.M_INFER[1], description=N.M_INFER[2], explicit_bucket_boundaries_advisory=N.MS_BUCKETS)
+        N.M_INFER[0], unit=N.M_INFER[1], description=N.M_INFER[2], explicit_bucket_boundaries_advisory=N.INFER_BUCKETS)
     inst = Instrumentation(model, sample_ratio, hist, attributes or {})
     inst._watch(model, {N.SCOPE_KIND: "model", N.MODULE_TYPE: type(model).__name__}, root=True)
     if modules is not None:

@@ -36,7 +36,6 @@ RATIO = "torchcompress.compression.ratio"
 SQNR = "torchcompress.error.sqnr"  # dB, weight SQNR float vs compressed
 MSE = "torchcompress.error.mse"
 GPTQ_LOSS = "torchcompress.error.gptq_loss"  # trace((W - W_hat) H (W - W_hat)^T) on the calibration data
-GPTQ_LOSS = "torchcompress.gptq.loss"
 BITS_PER_WEIGHT = "torchcompress.quant.bits_per_weight"
 QUANT = "torchcompress.quant"  # + .bits .group_size .granularity .symmetric .scale_dtype
 MODEL = "torchcompress.model.name"
@@ -61,9 +60,10 @@ M_ACCURACY = ("torchcompress.model.accuracy", "1", "Accuracy (fraction correct)"
 M_ACCURACY_DROP = ("torchcompress.model.accuracy.drop", "1", "Accuracy of the uncompressed model minus this one")
 M_TOP1 = ("torchcompress.model.top1_agreement", "1", "Fraction of positions with the uncompressed model's argmax")
 M_KL = ("torchcompress.model.kl_divergence", "1", "Mean KL(uncompressed || compressed), nats per token")
-M_INFER = ("torchcompress.inference.duration", "ms", "Forward-pass wall time of a model or module")
+M_INFER = ("torchcompress.inference.duration", "s", "Forward-pass wall time of a model or module")
 M_SPEEDUP = ("torchcompress.inference.speedup", "1", "Mean forward time of the uncompressed / compressed model")
 
 # bucket boundaries (advisory) for the duration histograms
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-MS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# forward passes: 50 us .. 10 s, in seconds like every duration
+INFER_BUCKETS = (5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -65,7 +65,7 @@ class Instruments:
         self.layer_sqnr = hist(N.M_LAYER_SQNR, (0, 5, 10, 15, 20, 25, 30, 35, 40, 50, 60))
         self.layer_mse = hist(N.M_LAYER_MSE, (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
         self.layer_ratio = hist(N.M_LAYER_RATIO, (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 16, 32))
-        self.infer = hist(N.M_INFER, N.MS_BUCKETS)
+        self.infer = hist(N.M_INFER, N.INFER_BUCKETS)
 
 
 def _scalar(v):

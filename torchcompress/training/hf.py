@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -67,7 +68,10 @@ class DistillationTrainer(Trainer):
     """A Trainer whose loss is the KD loss of :class:`~torchcompress.distill.Distiller` against ``teacher``
     (kept in eval mode, no gradients, moved to the student's device). Batches need ``input_ids``;
     ``attention_mask`` and ``labels`` (-100 = ignored) are used when present. The loss is the mean over
-    the batch's valid tokens (with gradient accumulation: the mean of the micro-batches' means)."""
+    the valid tokens of the whole optimizer step: under gradient accumulation each micro-batch's mean is
+    weighted by its share of the step's target tokens (``num_items_in_batch``), so batch 8 / accumulation 1
+    and batch 4 / accumulation 2 give the same loss and gradients. Without labels (no count from the
+    Trainer) the Trainer divides by the accumulation steps: the mean of the micro-batches' means."""
 
     def __init__(self, *args, teacher: nn.Module, kd: KDConfig = KDConfig(), **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,4 +82,18 @@ class DistillationTrainer(Trainer):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), **kw)
         loss, _ = self.distiller.loss(model, inputs["input_ids"], inputs.get("attention_mask"),
                                       inputs.get("labels"), student_out=out)
+        if num_items_in_batch is not None and inputs.get("labels") is not None:
+            loss = loss * (self._local_items(inputs) / num_items_in_batch)
+            if getattr(self.args, "average_tokens_across_devices", False) and self.accelerator.num_processes > 1:
+                # the count is summed over processes and DDP averages gradients: undo that average
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.accelerator.num_processes // tp)
         return (loss, out) if return_outputs else loss
+
+    def _local_items(self, inputs) -> torch.Tensor:
+        # counted exactly as the Trainer counts num_items_in_batch, so the weights of a step's micro-batches sum to 1
+        if "shift_labels" in inputs:
+            labels = inputs["shift_labels"]
+        else:
+            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
+        return labels.ne(-100).sum()  # a tensor: no device sync

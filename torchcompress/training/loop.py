@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill.config import TrainSettings
+from ..distill.distiller import module_device
 from ..errors import InputError
 from ..formats.atomic import atomic_file
 
@@ -65,7 +66,9 @@ class BatchSchedule:
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Next-token cross entropy over real (unpadded) targets."""
+    """Next-token cross entropy over real (unpadded) targets (the batch is moved to the model's device)."""
+    dev = module_device(model)
+    input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, L-1, V)
     keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     tgt = input_ids[:, 1:].masked_fill(~keep, -100)
@@ -149,8 +152,10 @@ def train(
         step, losses = _load(ckpt, model, opt, sched, hooks)
         log.info("resumed from %s at step %d", ckpt, step)
     main = accelerator is None or accelerator.is_main_process
+    device = accelerator.device if accelerator is not None else module_device(model)
     while step < settings.steps:
         ids, mask = data.batch(step, rank, world)
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         loss, parts = loss_fn(wrapped, ids, mask)
         opt.zero_grad(set_to_none=True)
         if accelerator is not None:
