@@ -36,3 +36,17 @@ def test_sqnr_of_noise_at_known_level():
     x = torch.tensor([3.0, 4.0], dtype=torch.float64)
     y = x + torch.tensor([0.3, 0.4], dtype=torch.float64)
     assert sqnr(x, y) == pytest.approx(20.0, abs=1e-9)
+
+
+def test_chunked_sqnr_and_mse_equal_the_whole_tensor_ones():
+    import math
+
+    from torchcompress.eval.metrics import mse, sqnr, sqnr_and_mse
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 37)
+    y = x + 0.01 * torch.randn_like(x)
+    s, m = sqnr_and_mse(x, y, chunk=1000)  # 11 chunks, the last partial
+    assert math.isclose(s, sqnr(x, y), rel_tol=1e-12) and math.isclose(m, mse(x, y), rel_tol=1e-12)
+    assert sqnr_and_mse(x, x) == (math.inf, 0.0)
+    assert sqnr_and_mse(torch.zeros(5), torch.ones(5))[0] == -math.inf

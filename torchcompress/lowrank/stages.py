@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..eval.metrics import mse, sqnr
+from ..eval.metrics import sqnr_and_mse
 from ..records import LayerRecord, tensor_bytes
 from .config import LoRAConfig, SVDConfig
 
@@ -34,7 +34,7 @@ def svd_recorder(stage, records: list):
         rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
         with torch.no_grad():
             w_hat = new.weight.detach()
-        rec.sqnr_db, rec.mse = sqnr(w, w_hat), mse(w, w_hat)
+        rec.sqnr_db, rec.mse = sqnr_and_mse(w, w_hat)
         rec.bits_per_weight = new.rank * (new.in_features + new.out_features) * w.element_size() * 8 / w.numel()  # factor bits per original weight
         records.append(rec)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..eval.metrics import mse, sqnr
+from ..eval.metrics import sqnr_and_mse
 from ..records import LayerRecord, tensor_bytes
 from .config import (
     MagnitudePruneConfig,
@@ -23,7 +23,7 @@ def prune_recorder(stage, records: list):
         rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
         if new.weight.shape == w.shape:  # unstructured / masked: weight SQNR of the effective weight
             eff = new.weight.detach().float() * getattr(new, "mask", 1)
-            rec.sqnr_db, rec.mse = sqnr(w, eff), mse(w, eff)
+            rec.sqnr_db, rec.mse = sqnr_and_mse(w, eff)
         records.append(rec)
 
     return on_module

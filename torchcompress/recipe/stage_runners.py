@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..api import quantize_
-from ..eval.metrics import mse, sqnr
+from ..eval.metrics import sqnr_and_mse
 from ..records import LayerRecord, tensor_bytes
 from .schema import Stage
 
@@ -21,8 +21,7 @@ def record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -
         rec = LayerRecord(stage.name, name, stage.kind, w.numel(), tensor_bytes(old), tensor_bytes(new))
         if getattr(new, "is_packed", False):
             w_hat = new.dequantize(torch.float32)
-            rec.sqnr_db = sqnr(w, w_hat)
-            rec.mse = mse(w, w_hat)
+            rec.sqnr_db, rec.mse = sqnr_and_mse(w, w_hat)
             rec.bits_per_weight = new.weight_bits() / w.numel()
         if gptq_losses is not None:
             rec.gptq_loss = gptq_losses.pop(name, None)
