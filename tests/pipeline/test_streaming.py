@@ -24,9 +24,9 @@ def tiny(tmp_path_factory):
 
 def _in_memory(model, recipe, calib, out):
     m = copy.deepcopy(model)
-    compress(m, recipe, calib)
+    rep = compress(m, recipe, calib)
     save_compressed(m, out)
-    return load_compressed(out)
+    return load_compressed(out), rep
 
 
 def _assert_same(a, b):
@@ -41,10 +41,14 @@ def _assert_same(a, b):
 def test_streamed_equals_in_memory(tiny, tmp_path, name):
     model, tok, calib, src = tiny
     recipe = load_recipe(name)
-    ref = _in_memory(model, recipe, calib, tmp_path / "mem")
+    ref, ref_rep = _in_memory(model, recipe, calib, tmp_path / "mem")
     rep = compress_checkpoint(src, recipe, tmp_path / "stream", calib=calib, tokenizer=tok)
     got = load_compressed(tmp_path / "stream")
     _assert_same(ref, got)
+    # the report: same modules changed, same sizes by module type
+    assert sorted(r.module for r in rep.layers) == sorted(r.module for r in ref_rep.layers)
+    assert rep.bytes_by_type_after == ref_rep.bytes_by_type_after
+    assert rep.bytes_by_type_before == ref_rep.bytes_by_type_before
     assert len(rep.layers) > 0 and rep.size_bytes_after > 0
     assert (tmp_path / "stream" / "model.safetensors").is_file()  # small: one file, as save_pretrained writes
     assert not (tmp_path / "stream.partial").exists()

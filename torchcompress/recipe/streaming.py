@@ -245,10 +245,21 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
         names = [f"{prefix}.{b}" for b in range(len(blocks))]
         prefetch = Prefetcher(model, names, ckpt, dtype)
 
+        by_type = writer.extra.setdefault("bytes_by_type", {"before": {}, "after": {}})
+
+        def count(which: str, module: nn.Module) -> None:
+            from ..eval.size import bytes_by_module_type
+
+            for k, v in bytes_by_module_type(module).items():
+                by_type[which][k] = by_type[which].get(k, 0) + v
+
         def load(b, block):
-            return assign_state(model, names[b], prefetch.get(b), device)
+            block = assign_state(model, names[b], prefetch.get(b), device)
+            count("before", block)
+            return block
 
         def finish(b, block, inp):
+            count("after", block)
             writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), _compressed(block, f"{prefix}.{b}."))
             writer.extra["records"] = {p.stage.name: [r.__dict__ for r in p.records] for p in plans}
             writer.extra["seconds"] = {p.stage.name: p.seconds for p in plans}
@@ -263,7 +274,11 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 inputs.hidden.close()
         tied = {}
         for i, name in enumerate(outside):
-            materialize(model, name, ckpt, dtype, device)
+            keys = [f"{name}.{k}" for k in model.get_submodule(name).state_dict()]
+            tied_copy = bool(keys) and all(k in tied_sources(model) and k not in ckpt.tensors for k in keys)
+            mod = materialize(model, name, ckpt, dtype, device)
+            if not tied_copy:  # a tied head shares the embedding's bytes: counted once, as in memory
+                count("before", mod)
             view = modules_view(model, [name])
             for p in plans:
                 if p.rest is not None:
@@ -275,6 +290,8 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 from ..targets import set_submodule
 
                 set_submodule(model, name, new)
+            if not (tied_copy and new is mod):
+                count("after", new)
             state = _cpu_state(new, f"{name}.")
             for key in list(state):  # a tied copy (lm_head = embed_tokens) is written once
                 src_key = tied_sources(model).get(key)
@@ -303,6 +320,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 (d / name).write_bytes(data)
 
         report.size_bytes_after = int(writer.state.get("tensor_bytes", 0))
+        report.bytes_by_type_before, report.bytes_by_type_after = by_type["before"], by_type["after"]
         writer.finish(files)
         return report
     except InputError:
