@@ -119,7 +119,8 @@ def write_gguf(
     produce: Callable[[TensorPlan], torch.Tensor],
     alignment: int = DEFAULT_ALIGNMENT,
 ) -> int:
-    """Write a .gguf atomically; ``produce(plan)`` returns that tensor's bytes (uint8 tensor).
+    """Write a .gguf atomically; ``produce(plan)`` returns that tensor's bytes (a uint8 tensor, or an
+    iterable of them written in order).
 
     Returns the file size. A failure (or Ctrl-C) leaves the previous file, or none.
     """
@@ -129,10 +130,14 @@ def write_gguf(
     with atomic_file(path) as f:
         f.write(header)
         for t in tensors:
-            data = produce(t).contiguous().view(torch.uint8).reshape(-1)
-            if data.numel() != t.nbytes:
-                raise RuntimeError(f"{t.name}: produced {data.numel()} bytes, expected {t.nbytes}")
-            f.write(memoryview(data.numpy()))
+            out = produce(t)  # one tensor, or an iterable of row chunks (big tensors: bounded memory)
+            written = 0
+            for part in ([out] if torch.is_tensor(out) else out):
+                data = part.contiguous().view(torch.uint8).reshape(-1)
+                f.write(memoryview(data.numpy()))
+                written += data.numel()
+            if written != t.nbytes:
+                raise RuntimeError(f"{t.name}: produced {written} bytes, expected {t.nbytes}")
             f.write(b"\0" * _pad(t.nbytes, alignment))
         size = f.tell()
     return size

@@ -29,6 +29,7 @@ from .gguf_mix import FileType, MixOptions, TypePlanner, parse_file_type
 log = logging.getLogger(__name__)
 
 ARCH = "llama"
+ROW_CHUNK = 8192  # rows quantized at a time (bounded memory for big tensors)
 _LAYER_MAP = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -204,15 +205,20 @@ def export_gguf(
 
     kvs = file_kv(model, ft, name, tokenizer, tokenizer_from, tokenizer_pre, alignment)
 
-    def produce(plan: TensorPlan) -> torch.Tensor:
+    def produce(plan: TensorPlan):
         hf, heads = by_name[plan.name]
-        w = weights[hf].detach().to(torch.float32)
+        w = weights[hf].detach()
         if heads is not None:
             w = permute_rope(w, heads)  # permutes rows; the imatrix is per column, unchanged
         imp = None
         if importance is not None and plan.qtype in IMATRIX_TYPES:
             imp = importance.get(hf.removesuffix(".weight"))
-        return quantize(w, plan.qtype, name=hf, importance=imp)
+        if w.dim() < 2 or w.shape[0] <= ROW_CHUNK:
+            return quantize(w.to(torch.float32), plan.qtype, name=hf, importance=imp)
+        # ggml quantizes each row on its own: a big tensor (an 8B model's 128256-row embedding is
+        # 2 GB in float32) goes in row chunks, the same bytes with a bounded working set
+        return (quantize(w[i: i + ROW_CHUNK].to(torch.float32), plan.qtype, name=hf, importance=imp)
+                for i in range(0, w.shape[0], ROW_CHUNK))
 
     size = write_gguf(path, kvs, plans, produce, alignment)
     log.info("wrote %s (%s, %d bytes)", path, ft.name, size)
