@@ -221,108 +221,113 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
         before = sum(i.nbytes // i.dtype.itemsize * (dtype.itemsize if i.dtype.is_floating_point else i.dtype.itemsize)
                      for i in ckpt.tensors.values())  # at the compute dtype, as the in-memory path counts
         report = Report(recipe=recipe.name, size_bytes_before=before, size_bytes_after=0)
-        done = writer.done_blocks
-        for p in plans:  # what finished blocks recorded before a kill
-            p.records.extend(LayerRecord(**r) for r in writer.extra.get("records", {}).get(p.stage.name, []))
-            p.seconds = writer.extra.get("seconds", {}).get(p.stage.name, 0.0)
-        inputs = None
-        if needs_forward:
-            for name in outside:
-                if not name.endswith("lm_head"):
-                    materialize(model, name, ckpt, dtype, device)
-            # on the host (or disk): one batch at a time goes to the device, so device memory is one block
-            # + its statistics + one batch, whatever the calibration set's size
-            inputs = capture_inputs(model, blocks, calib.batches(batch_size), device, offload_dir=offload_dir,
-                                    keep_on="cpu")
-            for name in outside:
-                release(model.get_submodule(name))
-            if done:
-                inputs.hidden.close()
-                from ..calibration.offload import store_from
+        from ..telemetry.run import for_run
 
-                inputs.hidden = store_from(writer.saved_inputs(), offload_dir)
+        tel = for_run(recipe)  # spans run > stage > layer, metrics; no-op when off
+        with tel.run(report, calib):
+            done = writer.done_blocks
+            for p in plans:  # what finished blocks recorded before a kill
+                p.records.extend(LayerRecord(**r) for r in writer.extra.get("records", {}).get(p.stage.name, []))
+                p.seconds = writer.extra.get("seconds", {}).get(p.stage.name, 0.0)
+            inputs = None
+            if needs_forward:
+                for name in outside:
+                    if not name.endswith("lm_head"):
+                        materialize(model, name, ckpt, dtype, device)
+                # on the host (or disk): one batch at a time goes to the device, so device memory is one block
+                # + its statistics + one batch, whatever the calibration set's size
+                inputs = capture_inputs(model, blocks, calib.batches(batch_size), device, offload_dir=offload_dir,
+                                        keep_on="cpu")
+                for name in outside:
+                    release(model.get_submodule(name))
+                if done:
+                    inputs.hidden.close()
+                    from ..calibration.offload import store_from
 
-        names = [f"{prefix}.{b}" for b in range(len(blocks))]
-        prefetch = Prefetcher(model, names, ckpt, dtype)
+                    inputs.hidden = store_from(writer.saved_inputs(), offload_dir)
 
-        by_type = writer.extra.setdefault("bytes_by_type", {"before": {}, "after": {}})
+            names = [f"{prefix}.{b}" for b in range(len(blocks))]
+            prefetch = Prefetcher(model, names, ckpt, dtype)
 
-        def count(which: str, module: nn.Module) -> None:
-            from ..eval.size import bytes_by_module_type
+            by_type = writer.extra.setdefault("bytes_by_type", {"before": {}, "after": {}})
 
-            for k, v in bytes_by_module_type(module).items():
-                by_type[which][k] = by_type[which].get(k, 0) + v
+            def count(which: str, module: nn.Module) -> None:
+                from ..eval.size import bytes_by_module_type
 
-        def load(b, block):
-            block = assign_state(model, names[b], prefetch.get(b), device)
-            count("before", block)
-            return block
+                for k, v in bytes_by_module_type(module).items():
+                    by_type[which][k] = by_type[which].get(k, 0) + v
 
-        def finish(b, block, inp):
-            count("after", block)
-            writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), _compressed(block, f"{prefix}.{b}."))
-            writer.extra["records"] = {p.stage.name: [r.__dict__ for r in p.records] for p in plans}
-            writer.extra["seconds"] = {p.stage.name: p.seconds for p in plans}
-            writer.block_done(b, inp.hidden if inp is not None else None)
-            release(block)
+            def load(b, block):
+                block = assign_state(model, names[b], prefetch.get(b), device)
+                count("before", block)
+                return block
 
-        try:
-            run_blocks(prefix, blocks, steps, inputs, device, start=done, load=load, finish=finish, on_block=on_block)
-        finally:
-            prefetch.close()
-            if inputs is not None:
-                inputs.hidden.close()
-        tied = {}
-        for i, name in enumerate(outside):
-            keys = [f"{name}.{k}" for k in model.get_submodule(name).state_dict()]
-            tied_copy = bool(keys) and all(k in tied_sources(model) and k not in ckpt.tensors for k in keys)
-            mod = materialize(model, name, ckpt, dtype, device)
-            if not tied_copy:  # a tied head shares the embedding's bytes: counted once, as in memory
-                count("before", mod)
-            view = modules_view(model, [name])
-            for p in plans:
-                if p.rest is not None:
-                    t0 = time.perf_counter()
-                    p.rest(view)
-                    p.seconds += time.perf_counter() - t0
-            new = view.get_submodule(name)
-            if new is not model.get_submodule(name):
-                from ..targets import set_submodule
+            def finish(b, block, inp):
+                count("after", block)
+                writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), _compressed(block, f"{prefix}.{b}."))
+                writer.extra["records"] = {p.stage.name: [r.__dict__ for r in p.records] for p in plans}
+                writer.extra["seconds"] = {p.stage.name: p.seconds for p in plans}
+                writer.block_done(b, inp.hidden if inp is not None else None)
+                release(block)
 
-                set_submodule(model, name, new)
-            if not (tied_copy and new is mod):
-                count("after", new)
-            state = _cpu_state(new, f"{name}.")
-            for key in list(state):  # a tied copy (lm_head = embed_tokens) is written once
-                src_key = tied_sources(model).get(key)
-                if src_key is not None and src_key in writer.state["weight_map"] and key not in ckpt.tensors:
-                    tied[key] = src_key
-                    del state[key]
-            writer.write_shard(len(blocks) + i, state, _compressed(new, f"{name}."))
-            release(new)
-        for p in plans:
-            report.layers.extend(p.records)
-            rec = StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records))
-            if rec.modules == 0:
-                check_composes(recipe, p.stage, report.stages)
-                log.warning("stage %s (%s) changed no module: check its targets/ignore", p.stage.name, p.stage.kind)
-            report.stages.append(rec)
-            if on_stage is not None:
-                on_stage(rec)
-        manifest = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                    "modules": writer.state["manifest"], "tied": tied}
+            try:
+                run_blocks(prefix, blocks, steps, inputs, device, start=done, load=load, finish=finish, on_block=on_block)
+            finally:
+                prefetch.close()
+                if inputs is not None:
+                    inputs.hidden.close()
+            tied = {}
+            for i, name in enumerate(outside):
+                keys = [f"{name}.{k}" for k in model.get_submodule(name).state_dict()]
+                tied_copy = bool(keys) and all(k in tied_sources(model) and k not in ckpt.tensors for k in keys)
+                mod = materialize(model, name, ckpt, dtype, device)
+                if not tied_copy:  # a tied head shares the embedding's bytes: counted once, as in memory
+                    count("before", mod)
+                view = modules_view(model, [name])
+                for p in plans:
+                    if p.rest is not None:
+                        t0 = time.perf_counter()
+                        p.rest(view)
+                        p.seconds += time.perf_counter() - t0
+                new = view.get_submodule(name)
+                if new is not model.get_submodule(name):
+                    from ..targets import set_submodule
 
-        def files(d: Path):
-            model.config.dtype = dtype
-            write_hf_files(d, model, manifest, tokenizer)
-            files_ = extra_files(report) if callable(extra_files) else (extra_files or {})
-            for name, data in files_.items():
-                (d / name).write_bytes(data)
+                    set_submodule(model, name, new)
+                if not (tied_copy and new is mod):
+                    count("after", new)
+                state = _cpu_state(new, f"{name}.")
+                for key in list(state):  # a tied copy (lm_head = embed_tokens) is written once
+                    src_key = tied_sources(model).get(key)
+                    if src_key is not None and src_key in writer.state["weight_map"] and key not in ckpt.tensors:
+                        tied[key] = src_key
+                        del state[key]
+                writer.write_shard(len(blocks) + i, state, _compressed(new, f"{name}."))
+                release(new)
+            for i, p in enumerate(plans):
+                with tel.stage(i, p.stage, report.layers) as obs:  # the stage's layer records, in its span
+                    obs.extend(p.records)
+                rec = StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records))
+                if rec.modules == 0:
+                    check_composes(recipe, p.stage, report.stages)
+                    log.warning("stage %s (%s) changed no module: check its targets/ignore", p.stage.name, p.stage.kind)
+                report.stages.append(rec)
+                if on_stage is not None:
+                    on_stage(rec)
+            manifest = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                        "modules": writer.state["manifest"], "tied": tied}
 
-        report.size_bytes_after = int(writer.state.get("tensor_bytes", 0))
-        report.bytes_by_type_before, report.bytes_by_type_after = by_type["before"], by_type["after"]
-        writer.finish(files)
-        return report
+            def files(d: Path):
+                model.config.dtype = dtype
+                write_hf_files(d, model, manifest, tokenizer)
+                files_ = extra_files(report) if callable(extra_files) else (extra_files or {})
+                for name, data in files_.items():
+                    (d / name).write_bytes(data)
+
+            report.size_bytes_after = int(writer.state.get("tensor_bytes", 0))
+            report.bytes_by_type_before, report.bytes_by_type_after = by_type["before"], by_type["after"]
+            writer.finish(files)
+            return report
     except InputError:
         writer.abort()  # bad input (a truncated shard, a NaN tensor) leaves no partial output behind
         raise
