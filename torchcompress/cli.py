@@ -165,11 +165,16 @@ def cmd_compress(args) -> int:
     from .pipeline.skeleton import resolve_device
 
     device = resolve_device(args.device)  # --device cuda without CUDA fails before any work
-    src = _stream_source(args.model)
+    src = _stream_source(args.model, args.stream)
     from .recipe.streaming import streamable
 
-    if src is not None and streamable(recipe) is None:
-        return _compress_streaming(args, recipe, calib_cfg, src, device)
+    if src is not None:
+        why = streamable(recipe)
+        if why is None:
+            return _compress_streaming(args, recipe, calib_cfg, src, device)
+        if args.stream == "on":
+            raise InputError(f"--stream on: {why}")
+        _say(f"loading the whole model: {why}")
     t0 = time.perf_counter()
     lm = load_model(args.model, dtype=_dtype_for(args, src))
     lm.model.to(device)
@@ -224,18 +229,34 @@ def _weights_bytes(out) -> int:
     return sum(f.stat().st_size for f in Path(out).glob("model*.safetensors"))
 
 
-def _stream_source(spec: str):
-    """The safetensors directory the block pipeline can stream ``--model`` from, else None (a .gguf,
-    a compress output, a directory without safetensors: those load whole)."""
+STREAM_ABOVE = 2 * 2**30  # --stream auto: checkpoints whose float32 weights exceed this stream block by block
+
+
+def _big_enough(path: Path, mode: str) -> bool:
+    """--stream on / off, or auto: stream when the model in float32 would take over 2 GiB (smaller ones
+    load whole: the in-memory path also times every forward for telemetry)."""
+    if mode != "auto":
+        return mode == "on"
+    from .pipeline.shards import Checkpoint
+
+    ckpt = Checkpoint.open(path)
+    return sum(i.nbytes // i.dtype.itemsize * 4 for i in ckpt.tensors.values()) > STREAM_ABOVE
+
+
+def _stream_source(spec: str, mode: str = "auto"):
+    """The safetensors directory the block pipeline streams ``--model`` from, else None (a .gguf,
+    a compress output, a directory without safetensors, a small model under --stream auto: those load whole)."""
     from .formats.checkpoint import read_manifest
     from .models import DEFAULT, _default_dir
 
+    if mode == "off":
+        return None
     path = _default_dir() if str(spec) == DEFAULT else Path(spec)
     if not path.is_dir() or not (path / "config.json").is_file() or read_manifest(path) is not None:
         return None
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return None
-    return path
+    return path if _big_enough(path, mode) else None
 
 
 def _dtype_for(args, src):
@@ -379,7 +400,7 @@ def cmd_eval(args) -> int:
     from .pipeline.skeleton import resolve_device
 
     device = resolve_device(args.device)
-    path = _eval_stream_source(args.model)
+    path = _eval_stream_source(args.model, args.stream)
     if path is not None:
         return _eval_streaming(args, path, device)
     lm = load_model(args.model, dtype=_dtype_for(args, None))
@@ -400,14 +421,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_stream_source(spec: str):
+def _eval_stream_source(spec: str, mode: str = "auto"):
     """A directory ``eval`` streams block by block: safetensors weights and a transformers config.json
-    (a Hugging Face model, or a compress output of one); None for .gguf files and other models."""
+    (a Hugging Face model, or a compress output of one); None for .gguf files, other models, and
+    small models under --stream auto."""
     from .models import DEFAULT, _default_dir
 
+    if mode == "off":
+        return None
     path = _default_dir() if str(spec) == DEFAULT else Path(spec)
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
-        return path
+        return path if _big_enough(path, mode) else None
     return None
 
 
@@ -506,7 +530,7 @@ def cmd_export(args) -> int:
     if not str(args.out).endswith(".gguf"):
         raise InputError(f"--out {args.out}: must be a .gguf file name")
     _check_outputs(args, "--out")
-    src = _stream_source(args.model)
+    src = _stream_source(args.model, "auto")
     if src is not None and not args.imatrix:
         return _export_gguf_streaming(args, ft, src)
     t0 = time.perf_counter()
@@ -538,6 +562,9 @@ def _device_flags(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights' dtype while working (auto: the checkpoint's torch_dtype); Hessians, Cholesky, GPTQ "
                    "and SparseGPT updates and SVD stay float32 per layer")
+    p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="run one decoder block at a time from the safetensors shards (auto: when the model "
+                   "in float32 exceeds 2 GiB)")
 
 
 def _export_gguf_streaming(args, ft, src: Path) -> int:

@@ -33,7 +33,7 @@ def _copy(src, tmp_path):
 
 def _run(capsys, model, tmp_path, *extra, recipe="w4-rtn"):
     out = tmp_path / "out"
-    rc = main(["compress", "--model", str(model), "--recipe", recipe, "--out", str(out), *extra])
+    rc = main(["compress", "--model", str(model), "--recipe", recipe, "--out", str(out), "--stream", "on", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert not out.exists() and not (tmp_path / "out.partial").exists()  # nothing left behind
     return rc, err[-1] if err else ""

@@ -54,7 +54,7 @@ def _files(d):
 @pytest.mark.parametrize("offload", [False, True])
 def test_sigkill_then_resume_equals_uninterrupted(src, tmp_path, offload):
     args = ["compress", "--model", str(src), "--recipe", "w4-gptq-g128", "--calib", "pydoc", "--calib-samples", "8",
-            "--seq-len", "32", "--device", "cpu"]
+            "--seq-len", "32", "--device", "cpu", "--stream", "on"]
     if offload:
         args += ["--offload-dir", str(tmp_path / "act")]
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
@@ -74,7 +74,7 @@ def test_sigkill_then_resume_equals_uninterrupted(src, tmp_path, offload):
 
 def test_resume_refuses_other_settings(src, tmp_path, capsys):
     args = ["compress", "--model", str(src), "--recipe", "w4-gptq-g128", "--calib", "pydoc", "--calib-samples", "8",
-            "--seq-len", "32", "--out", str(tmp_path / "out")]
+            "--stream", "on", "--seq-len", "32", "--out", str(tmp_path / "out")]
     env = {**os.environ, "KILL_AFTER_BLOCK": "0", "PYTHONPATH": os.getcwd()}
     p = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL

@@ -77,6 +77,7 @@ CLI_ROWS = [
     ("compress --model {model} --recipe no-such-recipe --out {tmp}/o", "no-such-recipe"),
     (C + " --device tpu", "--device tpu"),
     (C + " --dtype int8", "--dtype"),
+    (C + " --stream maybe", "--stream"),
     (E + " --device gpu:0", "--device gpu:0"),
     ("compress --model {model} --recipe {bad_yaml} --out {tmp}/o", "bad.yaml:"),
     ("compress --model {model} --recipe {binary} --out {tmp}/o", "binary.txt"),

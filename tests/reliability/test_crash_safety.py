@@ -256,7 +256,7 @@ def test_cli_gptq_killed_then_resumed_is_bit_identical(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(TINY_TEXT * 4)
     common = ["--model", str(model_dir), "--recipe", "w4-gptq-g128", "--calib", str(text), "--calib-samples", "8",
-              "--seq-len", "64"]
+              "--seq-len", "64", "--stream", "on"]
     # the uninterrupted run in a fresh process like the killed and resumed ones below: same kernels and
     # thread count (an earlier test may have changed this process's), since the quantized blocks'
     # forwards feed the next block's Hessian and matmuls round differently across those
