@@ -76,3 +76,20 @@ def test_streamed_forward_equals_the_model_forward(family, tmp_path):
     whole = evaluate(model, win)
     streamed = evaluate_streaming(tmp_path / "src", win, batch_size=2)
     assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+
+
+def test_capture_restores_an_instance_forward():
+    """A block whose forward is an instance attribute (accelerate's dispatch hooks put one there) gets it back."""
+    from tests.tiny import tiny_config
+    from transformers import LlamaForCausalLM
+
+    from torchcompress.pipeline.context import capture_inputs
+
+    model = LlamaForCausalLM(tiny_config()).eval()
+    block = model.model.layers[1]
+    wrapped = block.forward  # a bound method, stored on the instance as a wrapper would be
+    block.forward = wrapped
+    ids = torch.randint(0, 256, (2, 8))
+    got = capture_inputs(model, model.model.layers, [(ids, torch.ones_like(ids))], "cpu")
+    assert len(got) == 1 and block.__dict__["forward"] is wrapped
+    assert "forward" not in model.model.layers[0].__dict__

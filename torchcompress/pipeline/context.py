@@ -91,6 +91,7 @@ def capture_inputs(model: nn.Module, blocks, batches, device, offload_dir=None, 
             return hidden
         return fn
 
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's dispatch hooks live there
     for b, block in enumerate(blocks):
         block.forward = passthrough(b)  # an instance attribute: nn.Module.__call__ finds it first
     try:
@@ -101,8 +102,11 @@ def capture_inputs(model: nn.Module, blocks, batches, device, offload_dir=None, 
             except StopForward:
                 pass
     finally:
-        for block in blocks:
-            del block.forward
+        for block, fwd in zip(blocks, saved):
+            if fwd is None:
+                del block.forward
+            else:
+                block.forward = fwd
     for b in range(len(blocks)):
         if b and not all(_same(x, y) for x, y in zip(per_block[b], per_block[0])):
             got.block_kwargs[b] = [to_device(kw, "cpu") for kw in per_block[b]]
