@@ -153,8 +153,7 @@ def _build_calib(cfg, lm):
 
 def cmd_compress(args) -> int:
     from .eval.perplexity import evaluate
-    from .eval.size import dir_bytes
-    from .formats.checkpoint import WEIGHTS_NAME, save_compressed
+    from .formats.checkpoint import save_compressed
     from .models import load_model
     from .recipe.runner import Report, clone_model, compress
     from .recipe.schema import load_recipe

@@ -64,15 +64,22 @@ def all_finite(t, chunk: int = 1 << 24) -> bool:
     return True
 
 
+def compressed_modules(module: nn.Module, prefix: str = "") -> dict:
+    """``{prefix + name: manifest entry}`` for every compressed module under ``module`` (the block
+    pipeline describes one block at a time with it; :func:`build_manifest` the whole model)."""
+    kinds = {cls: describe for cls, describe, _ in MODULE_KINDS.values()}
+    out = {}
+    for name, m in module.named_modules():
+        describe = kinds.get(type(m))
+        if describe is not None:
+            if isinstance(m, QuantLinear) and not m.is_packed:
+                raise FormatError(f"{prefix}{name}".rstrip("."), "is a fake-quant QuantLinear; call freeze_(model) before saving")
+            out[f"{prefix}{name}".rstrip(".")] = describe(m)
+    return out
+
+
 def build_manifest(model: nn.Module) -> dict:
-    modules = {}
-    for name, m in model.named_modules():
-        for kind, (cls, describe, _) in MODULE_KINDS.items():
-            if type(m) is cls:
-                if isinstance(m, QuantLinear) and not m.is_packed:
-                    raise FormatError(name, "is a fake-quant QuantLinear; call freeze_(model) before saving")
-                modules[name] = describe(m)
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules}
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": compressed_modules(model)}
 
 
 def _dedupe_state_dict(model: nn.Module) -> tuple[dict, dict]:

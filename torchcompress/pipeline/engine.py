@@ -100,7 +100,6 @@ def run_in_memory(model: nn.Module, steps: list[BlockStep], calib, *, batch_size
 
 def state_modules(block: nn.Module) -> dict[str, nn.Module]:
     """The compressed modules of a block (the ones the checkpoint manifest knows), by name in the block."""
-    from ..formats.checkpoint import MODULE_KINDS
+    from ..formats.checkpoint import compressed_modules
 
-    kinds = tuple(cls for cls, _, _ in MODULE_KINDS.values())
-    return {n: m for n, m in block.named_modules() if n and type(m) in kinds}
+    return {n: block.get_submodule(n) for n in compressed_modules(block) if n}

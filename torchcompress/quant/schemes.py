@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..nn.pruned_linear import PrunedLinear
 from ..nn.scheme_linear import FP4Linear, FP8Linear, Int8Linear
 from ..targets import select_modules, set_submodule
-from .scheme_config import FP4Config, FP8Config, W8A8Int8Config
+from .scheme_config import FP8Config, W8A8Int8Config
 
 DEFAULT_IGNORE = ("lm_head", "re:.*embed.*")
 

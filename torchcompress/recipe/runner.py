@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..eval.metrics import mse, sqnr
 from ..eval.size import bytes_by_module_type, model_bytes
 from ..records import LayerRecord, StageRecord, tensor_bytes  # noqa: F401  (public here too)
 from .registry import RUNNERS

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..config import GPTQConfig, HQQConfig, QATConfig, RTNConfig
 from ..errors import InputError, RecipeError
+from ..formats.checkpoint import compressed_modules
 from ..ignore import DEFAULT_IGNORE
 from ..pipeline.context import capture_inputs
 from ..pipeline.engine import BlockStep, run_blocks
@@ -96,7 +97,14 @@ def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | N
             quantize_gguf_(view, cfg, targets=stage.targets, ignore=stage.ignore, on_module=record_quant(stage, records),
                            planner=planner)
 
-        return _Plan(stage, BlockStep(lambda ctx: run(block_view(ctx.prefix, ctx.block)), needs_forward=False), run, records)
+        def rest(view):  # embeddings / norm / head: only when the stage picks one (lm_head is in llama.cpp's mix)
+            from ..targets import select_modules
+
+            ignore_ = ("re:.*embed.*",) if stage.ignore is None else stage.ignore
+            if any(type(m) is nn.Linear for _, m in select_modules(view, stage.targets, ignore_)):
+                run(view)
+
+        return _Plan(stage, BlockStep(lambda ctx: run(block_view(ctx.prefix, ctx.block)), needs_forward=False), rest, records)
     if isinstance(cfg, MagnitudePruneConfig) and cfg.scope == "layer":
         from ..prune.stages import run_prune_stage
 
@@ -177,17 +185,6 @@ def _outside_modules(model: nn.Module, blocks_prefix: str) -> list[str]:
     return out
 
 
-def _compressed(module: nn.Module, prefix: str) -> dict:
-    from ..formats.checkpoint import MODULE_KINDS
-
-    out = {}
-    for name, m in module.named_modules():
-        for kind, (cls, describe, _) in MODULE_KINDS.items():
-            if type(m) is cls:
-                out[f"{prefix}{name}".rstrip(".")] = describe(m)
-    return out
-
-
 def _cpu_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}{k}": t.detach().contiguous().cpu() for k, t in module.state_dict().items()}
 
@@ -264,7 +261,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
 
             def finish(b, block, inp):
                 count("after", block)
-                writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), _compressed(block, f"{prefix}.{b}."))
+                writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), compressed_modules(block, f"{prefix}.{b}."))
                 writer.extra["records"] = {p.stage.name: [r.__dict__ for r in p.records] for p in plans}
                 writer.extra["seconds"] = {p.stage.name: p.seconds for p in plans}
                 writer.block_done(b, inp.hidden if inp is not None else None)
@@ -302,7 +299,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                     if src_key is not None and src_key in writer.state["weight_map"] and key not in ckpt.tensors:
                         tied[key] = src_key
                         del state[key]
-                writer.write_shard(len(blocks) + i, state, _compressed(new, f"{name}."))
+                writer.write_shard(len(blocks) + i, state, compressed_modules(new, f"{name}."))
                 release(new)
             for i, p in enumerate(plans):
                 with tel.stage(i, p.stage, report.layers) as obs:  # the stage's layer records, in its span
