@@ -1,4 +1,6 @@
-"""transformers integration: ``import torchcompress.hf`` then ``from_pretrained`` on our checkpoints."""
+"""transformers integration: ``import torchcompress.hf`` then ``from_pretrained`` on checkpoints in our own
+format. Group size 48 on the tiny Llama's 64/128-wide layers leaves a partial last group, which compressed-tensors
+cannot hold, so these checkpoints stay ours (the standard-format default is tested in test_default_format.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ def _save(tmp_path, model, name="m"):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize(
     "scheme",
-    [QuantScheme(bits=4, group_size=32, symmetric=False), QuantScheme(bits=8, granularity="channel", scale_dtype="bfloat16")],
-    ids=["w4g32-asym", "w8-channel-bf16"],
+    [QuantScheme(bits=4, group_size=48, symmetric=False), QuantScheme(bits=8, group_size=48, scale_dtype="bfloat16")],
+    ids=["w4g48-asym", "w8-g48-bf16"],
 )
 def test_from_pretrained_returns_quantized_model(tmp_path, tiny_llama, token_ids, tied, scheme):
     import torchcompress.hf  # noqa: F401  (registers the quantizer)
@@ -56,7 +58,7 @@ def test_greedy_generation_matches(tmp_path, tiny_llama, token_ids):
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama()
-    tc.quantize_(model, QuantScheme(bits=4, group_size=32))
+    tc.quantize_(model, QuantScheme(bits=4, group_size=48))
     out = _save(tmp_path, model)
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -68,7 +70,7 @@ def test_from_pretrained_model_can_be_saved_again(tmp_path, tiny_llama, token_id
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama()
-    tc.quantize_(model, QuantScheme(bits=4, group_size=32, symmetric=False))
+    tc.quantize_(model, QuantScheme(bits=4, group_size=48, symmetric=False))
     with torch.no_grad():
         ref = model(token_ids).logits
     first = AutoModelForCausalLM.from_pretrained(_save(tmp_path, model, "a")).eval()
@@ -97,7 +99,7 @@ def test_from_pretrained_rejects_other_format_version(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama()
-    tc.quantize_(model, QuantScheme(bits=4, group_size=32))
+    tc.quantize_(model, QuantScheme(bits=4, group_size=48))
     out = _save(tmp_path, model)
     p = out / "config.json"
     cfg = json.loads(p.read_text())

@@ -1,8 +1,13 @@
-"""Our checkpoint: ``model.safetensors`` + a JSON manifest of the compressed modules. No pickle.
+"""Checkpoints: compressed-tensors where a standard holds the model, else ours. No pickle.
 
-Hugging Face models keep their ``config.json`` with the manifest under ``quantization_config``
-(``quant_method: torchcompress``) so ``AutoModelForCausalLM.from_pretrained`` can rebuild them once
-:mod:`torchcompress.hf` is imported; other modules get a ``torchcompress.json`` beside the weights.
+A Hugging Face model whose compressed modules all have a compressed-tensors form (integer weights by
+channel or group, FP8, INT8 W8A8, NVFP4, MXFP4: :func:`.ct_convert.ct_reason`) is written as
+compressed-tensors, which transformers and vLLM load without torchcompress. Otherwise (GGUF blocks,
+LoRA on a quantized base, low-rank factors, pruning masks, HQQ float zeros, dynamic act-order groups)
+the ``config.json`` carries our manifest under ``quantization_config`` (``quant_method: torchcompress``)
+and a ``model_type`` that plain transformers refuses with a message naming ``import torchcompress.hf``
+(never a model with random weights); once that import registered us, ``from_pretrained`` rebuilds it.
+Other modules get a ``torchcompress.json`` beside the weights.
 
 Loading rebuilds the skeleton on the meta device, swaps in empty compressed modules from the
 manifest, and loads the tensors with ``load_state_dict(assign=True)``: no float weights are ever
@@ -24,6 +29,10 @@ from .atomic import atomic_directory
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "torchcompress"
+# what plain transformers reads as the architecture of one of our own checkpoints: its "model type
+# not recognised" error then says what to do; the real model_type is kept under BASE_MODEL_TYPE
+OWN_MODEL_TYPE = "torchcompress (run `import torchcompress.hf` before from_pretrained)"
+BASE_MODEL_TYPE = "torchcompress_model_type"
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "torchcompress.json"
 
@@ -100,9 +109,13 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def write_hf_files(directory: Path, model: nn.Module, quantization_config: dict, tokenizer=None) -> None:
-    """config.json (with ``quantization_config``), generation config and tokenizer of an HF model."""
+    """config.json (with ``quantization_config``), generation config and tokenizer of an HF model.
+    Our own manifest gets :data:`OWN_MODEL_TYPE` (plain transformers refuses it by name)."""
     cfg = model.config.to_dict()
+    cfg.pop(BASE_MODEL_TYPE, None)
     cfg["quantization_config"] = quantization_config
+    if quantization_config.get("quant_method") == QUANT_METHOD:
+        cfg[BASE_MODEL_TYPE], cfg["model_type"] = cfg["model_type"], OWN_MODEL_TYPE
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -118,6 +131,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     ``extra_files`` (name -> bytes) land in the same atomic swap (the CLI's run record)."""
     from safetensors.torch import save_file
 
+    from .ct_convert import CTGroups, ct_ignore, state_to_ct
+
     manifest = build_manifest(model)
     sd, tied = _dedupe_state_dict(model)
     for key, t in sd.items():  # no NaN is ever written: a non-finite float tensor (a norm, a bias) is refused by name
@@ -126,10 +141,17 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
 
             raise NumericError(key, "holds NaN/Inf values; refusing to write the checkpoint")
     manifest["tied"] = tied
+    standard = _is_hf(model) and standard_format_reason(manifest) is None
+    if standard:  # compressed-tensors; tied copies are dropped (transformers re-ties from tie_word_embeddings)
+        groups = CTGroups()
+        sd = state_to_ct(sd, manifest["modules"], groups)
+        qcfg = groups.config(ct_ignore(model, set(manifest["modules"])))
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "torchcompress": str(FORMAT_VERSION)})
-        if _is_hf(model):
+        if standard:
+            write_hf_files(tmp, model, qcfg, tokenizer)
+        elif _is_hf(model):
             write_hf_files(tmp, model, manifest, tokenizer)
         else:
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -138,13 +160,35 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     return out_dir
 
 
+def standard_format_reason(manifest: dict) -> str | None:
+    """None when every compressed module of ``manifest`` has a compressed-tensors form (and there is at
+    least one), else why the checkpoint stays in our own format."""
+    from .ct_convert import ct_reason
+
+    if not manifest["modules"]:
+        return "no compressed module"
+    for name, entry in manifest["modules"].items():
+        reason = ct_reason(name, entry)
+        if reason is not None:
+            return reason
+    return None
+
+
 def read_manifest(path: str | os.PathLike) -> dict | None:
-    """The manifest of a compressed directory, or None if ``path`` is not one of ours."""
+    """The manifest of a compressed directory (ours, or our module entries derived from a
+    compressed-tensors checkpoint), or None if ``path`` is neither."""
     path = Path(path)
     if (path / MANIFEST_NAME).is_file():
         manifest = _read_json(path / MANIFEST_NAME)
     elif (path / "config.json").is_file():
-        manifest = _read_json(path / "config.json").get("quantization_config")
+        config = _read_json(path / "config.json")
+        manifest = config.get("quantization_config")
+        from .ct_convert import is_ct_config
+
+        if is_ct_config(config):
+            from ..pipeline.shards import Checkpoint
+
+            return Checkpoint.open(path).manifest
         if not isinstance(manifest, dict) or manifest.get("quant_method") != QUANT_METHOD:
             return None
     else:
@@ -221,9 +265,9 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
     from ..pipeline.shards import INDEX_NAME, Checkpoint
 
     weights = path / WEIGHTS_NAME
-    if (path / INDEX_NAME).is_file() and (path / "config.json").is_file():  # sharded (the block pipeline's output)
-        ckpt = Checkpoint.open(path)
-        weights = path / INDEX_NAME
+    if manifest.get("source_format") or ((path / INDEX_NAME).is_file() and (path / "config.json").is_file()):
+        ckpt = Checkpoint.open(path)  # sharded (the block pipeline's output) or compressed-tensors (converted)
+        weights = path / (INDEX_NAME if (path / INDEX_NAME).is_file() else WEIGHTS_NAME)
         sd = {name: ckpt.get(name) for name in ckpt.tensors}
     elif not weights.is_file():
         raise FormatError(path, f"missing {WEIGHTS_NAME}")
@@ -235,7 +279,12 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
     skeleton = model.state_dict()
     expected = set(skeleton)
     _check_dtypes(sd, skeleton, manifest, weights)
-    tied = _check_tied(manifest.get("tied", {}), expected, sd, weights)
+    tied = manifest.get("tied", {})
+    if manifest.get("source_format"):  # compressed-tensors drops tied copies: transformers re-ties them
+        from ..pipeline.skeleton import tied_sources
+
+        tied = {k: v for k, v in tied_sources(model).items() if k not in sd and v in sd}
+    tied = _check_tied(tied, expected, sd, weights)
     missing = sorted(expected - set(sd) - set(tied))
     unexpected = sorted(set(sd) - expected)
     if missing or unexpected:

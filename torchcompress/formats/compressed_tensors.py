@@ -25,51 +25,24 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from ..config import Granularity
 from ..errors import FormatError
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.quant_linear import QuantLinear
-from ..primitives.packing import pack, unpack
 from .atomic import atomic_directory
 from .checkpoint import write_hf_files
+from .ct_convert import quant_group, quant_tensors
 from .ct_schemes import SCHEME_MODULES, scheme_group, scheme_tensors
 
 FORMAT = "pack-quantized"
 
 
-def _as_int32_words(packed: torch.Tensor) -> torch.Tensor:
-    """(R, B) uint8 little-endian bit stream -> (R, ceil(B/4)) int32 words (same bits)."""
-    pad = (-packed.shape[-1]) % 4
-    return F.pad(packed, (0, pad)).contiguous().view(torch.int32)
-
-
 def _weights_args(m: QuantLinear) -> dict:
-    s = m.scheme
-    strategy = {Granularity.GROUP: "group", Granularity.CHANNEL: "channel", Granularity.TENSOR: "tensor"}[s.granularity]
-    return {"num_bits": s.bits, "type": "int", "symmetric": s.symmetric, "strategy": strategy,
-            "group_size": s.group_size if strategy == "group" else None,
-            "actorder": None,
-            "dynamic": False, "observer": "minmax", "block_structure": None}
+    return quant_group(m.scheme)["weights"]
 
 
 def _tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
-    bits, n, k = m.scheme.bits, m.out_features, m.in_features
-    codes = unpack(m.qweight, bits, k)  # (N, K) unsigned
-    out = {f"{name}.weight_packed": _as_int32_words(pack(codes, bits)),
-           f"{name}.weight_scale": m.scale.clone(),
-           f"{name}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
-    if m.zero is not None and m.zero.dtype != torch.uint8:
-        raise FormatError(name, "has float zero points (HQQ float_zero); compressed-tensors int packing holds integer "
-                          "zero points only (quantize with float_zero: false)")
-    if m.zero is not None:
-        # signed zero points, packed along the output dimension (columns of the transposed (G, N))
-        zp_u = m.zero.T.contiguous()  # (G, N) unsigned = signed + 2^(b-1)
-        out[f"{name}.weight_zero_point"] = _as_int32_words(pack(zp_u, bits)).T.contiguous()
-    if m.bias is not None:
-        out[f"{name}.bias"] = m.bias.detach().clone()
-    return out
+    bias = None if m.bias is None else m.bias.detach()
+    return quant_tensors(name, m.qweight, m.scale, m.zero, bias, m.scheme.bits, (m.out_features, m.in_features))
 
 
 def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:

@@ -22,6 +22,7 @@ def empty_hf_model(path: str | Path):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    register()  # our own checkpoints name OWN_MODEL_TYPE in config.json
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -31,10 +32,38 @@ def empty_hf_model(path: str | Path):
     return model
 
 
+def register_model_type() -> None:
+    """Let ``AutoConfig`` read our own checkpoints' config.json: :data:`OWN_MODEL_TYPE` resolves to the
+    config class of the architecture kept under :data:`BASE_MODEL_TYPE` (idempotent)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .checkpoint import BASE_MODEL_TYPE, OWN_MODEL_TYPE
+
+    if OWN_MODEL_TYPE in CONFIG_MAPPING:
+        return
+
+    class OwnCheckpointConfig:
+        """Not a config: ``from_dict`` hands the dict to the base architecture's config class."""
+
+        model_type = OWN_MODEL_TYPE
+
+        @classmethod
+        def from_dict(cls, config_dict: dict, **kwargs):
+            d = dict(config_dict)
+            base = d.pop(BASE_MODEL_TYPE, None)
+            if not isinstance(base, str) or base not in CONFIG_MAPPING or base == OWN_MODEL_TYPE:
+                raise FormatError("config.json", f"{BASE_MODEL_TYPE} {base!r} is not an architecture transformers knows")
+            d["model_type"] = base
+            return CONFIG_MAPPING[base].from_dict(d, **kwargs)
+
+    CONFIG_MAPPING.register(OWN_MODEL_TYPE, OwnCheckpointConfig, exist_ok=True)
+
+
 def register() -> None:
-    """Register the ``torchcompress`` quantization method with transformers (idempotent)."""
+    """Register the ``torchcompress`` quantization method and model type with transformers (idempotent)."""
     from transformers.quantizers import auto
 
+    register_model_type()
     if "torchcompress" in auto.AUTO_QUANTIZER_MAPPING:
         return
     from transformers.quantizers.base import HfQuantizer

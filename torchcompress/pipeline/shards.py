@@ -128,6 +128,10 @@ class Checkpoint:
             tensors = read_header(d / SINGLE_NAME)
         else:
             raise InputError(f"{d}: no {SINGLE_NAME} or {INDEX_NAME} (weights must be safetensors)")
+        from ..formats.ct_convert import CTCheckpoint, is_ct_config
+
+        if is_ct_config(config):  # compressed-tensors: seen under our module and tensor names
+            return CTCheckpoint(cls(d, tensors, config))
         return cls(d, tensors, config)
 
     @property

@@ -30,6 +30,9 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..formats.hf import register_model_type
+
+    register_model_type()  # a checkpoint in our own format names its model_type so only we read it
     try:
         config = AutoConfig.from_pretrained(str(ckpt.dir), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:

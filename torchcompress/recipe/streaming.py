@@ -196,7 +196,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                         on_block: Callable[[int, int], None] | None = None, on_stage: Callable | None = None,
                         fingerprint_extra: str = "") -> Report:
     """Apply ``recipe`` to the checkpoint directory ``src`` block by block and write ``out``."""
-    from ..formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, write_hf_files
+    from ..formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, standard_format_reason, write_hf_files
     from ..pipeline.writer import ShardWriter
 
     ckpt = src if isinstance(src, Checkpoint) else Checkpoint.open(src)
@@ -316,7 +316,13 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
 
             def files(d: Path):
                 model.config.dtype = dtype
-                write_hf_files(d, model, manifest, tokenizer)
+                qcfg = manifest
+                if standard_format_reason(manifest) is None:  # compressed-tensors, converted shard by shard
+                    from ..formats.ct_convert import convert_directory, ct_ignore
+
+                    groups = convert_directory(d, manifest["modules"])
+                    qcfg = groups.config(ct_ignore(model, set(manifest["modules"])))
+                write_hf_files(d, model, qcfg, tokenizer)
                 files_ = extra_files(report) if callable(extra_files) else (extra_files or {})
                 for name, data in files_.items():
                     (d / name).write_bytes(data)
