@@ -477,7 +477,7 @@ def cmd_recipe(args) -> int:
 
 
 def _export_quantized(args) -> int:
-    """GPTQ / compressed-tensors: a directory for serving engines, from a `compress` output."""
+    """GPTQ / compressed-tensors / sparse-24-bitmask: a directory for serving engines, from a `compress` output."""
     from .formats.compressed_tensors import save_compressed_tensors
     from .formats.gptq import save_gptq
     from .models import load_model
@@ -488,6 +488,12 @@ def _export_quantized(args) -> int:
     _check_outputs(args, "--out", dirs=("--out",))
     t0 = time.perf_counter()
     lm = load_model(args.model)
+    if args.format == "sparse-24-bitmask":  # 2:4-pruned float / INT8 / FP8 layers
+        from .formats.sparse24 import save_sparse24
+
+        out = save_sparse24(lm.model, args.out, tokenizer=lm.tokenizer)
+        print(f"wrote {out} ({args.format}) in {time.perf_counter() - t0:.1f}s")
+        return 0
     if not any(isinstance(m, QuantLinear) for m in lm.model.modules()):
         raise InputError(f"--model {args.model}: has no quantized Linear layer; --format {args.format} exports the "
                          "output of `torchcompress compress` with an RTN or GPTQ recipe")
@@ -641,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "compressed-tensors directories for vLLM / transformers / GPTQModel)")
     x.add_argument("--model", required=True, help="'default', a model directory or a .gguf file (float weights) for "
                    "gguf; a `compress` output with quantized layers for gptq / compressed-tensors")
-    x.add_argument("--format", required=True, choices=["gguf", "gptq", "compressed-tensors"])
+    x.add_argument("--format", required=True, choices=["gguf", "gptq", "compressed-tensors", "sparse-24-bitmask"])
     x.add_argument("--qtype", default="Q4_K_M", help="llama.cpp file type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, "
                    "Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, F16, F32")
     x.add_argument("--out", required=True, help="output .gguf file, or directory for gptq / compressed-tensors "

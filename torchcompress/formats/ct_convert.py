@@ -183,6 +183,8 @@ def _scheme_entry(name: str, group: dict, raw, where) -> dict:
         return key in raw.tensors
 
     def shape_of(key):
+        if key.endswith(".weight") and key not in raw.tensors and f"{name}.shape" in raw.tensors:  # 2:4 sparse
+            return tuple(int(x) for x in raw.get(f"{name}.shape").reshape(-1).tolist())
         if key not in raw.tensors:
             raise FormatError(where, f"module {name!r}: no tensor {key!r} in the checkpoint")
         return tuple(raw.tensors[key].shape)
@@ -229,21 +231,37 @@ class CTCheckpoint:
         q = self.config.get("quantization_config")
         if not isinstance(q, dict) or not isinstance(q.get("config_groups"), dict):
             raise FormatError(where, "compressed-tensors quantization_config has no config_groups")
-        if self.config.get("sparsity_config") or q.get("sparsity_config"):
-            raise FormatError(where, "compressed-tensors sparsity_config is not supported")
+        sparse = q.get("sparsity_config") or self.config.get("sparsity_config") or {}
+        if sparse and sparse.get("format") not in ("sparse-24-bitmask", "dense"):
+            raise FormatError(where, f"compressed-tensors sparsity format {sparse.get('format')!r} is not supported")
         ignore = [i for i in q.get("ignore") or [] if isinstance(i, str)]
         candidates = sorted({k.rpartition(".")[0] for k in raw.tensors
-                             if k.endswith((".weight_scale", ".weight_packed"))})
+                             if k.endswith((".weight_scale", ".weight_packed", ".bitmask"))})
+        sparse_names: set[str] = set()
+        if sparse.get("format") == "sparse-24-bitmask":
+            bitmasked = [n for n in candidates if f"{n}.bitmask" in raw.tensors]
+            sparse_names = set(_targets(sparse, bitmasked, [i for i in sparse.get("ignore") or [] if isinstance(i, str)],
+                                        where))
         modules: dict[str, dict] = {}
         for gname, group in q["config_groups"].items():
             if not isinstance(group, dict):
                 raise FormatError(where, f"config group {gname!r} is not a mapping")
             for name in _targets(group, candidates, ignore, where):
                 modules[name] = _scheme_entry(name, group, raw, where)
-        self.modules = modules
         self.tensors: dict = {}
         self._how: dict[str, tuple] = {}
         taken = set()
+        for name in sorted(sparse_names):  # 2:4 values + bitmask -> the dense (float / int8 / fp8) weight
+            values, shape = raw.tensors[f"{name}.compressed"], raw.get(f"{name}.shape").reshape(-1).tolist()
+            n, k = (int(x) for x in shape)
+            self.tensors[f"{name}.weight"] = _Info(values.dtype, (n, k), n * k * values.dtype.itemsize, values.file)
+            self._how[f"{name}.weight"] = ("sparse24", name, (n, k))
+            taken |= {f"{name}.compressed", f"{name}.bitmask", f"{name}.shape"}
+            if name not in modules:  # float values: a PrunedLinear whose zeros are its mask
+                modules[name] = {"type": "PrunedLinear", "in_features": k, "out_features": n,
+                                 "bias": f"{name}.bias" in raw.tensors, "mask": "zeros", "nm": [2, 4],
+                                 "dtype": str(values.dtype).removeprefix("torch.")}
+        self.modules = modules
         for name, e in modules.items():
             if e["type"] != "QuantLinear":
                 continue
@@ -286,6 +304,14 @@ class CTCheckpoint:
             raise FormatError(self.dir, f"no tensor {name!r} in the checkpoint")
         if how[0] == "copy":
             return self.raw.get(how[1], dtype=dtype, device=device)
+        if how[0] == "sparse24":
+            from .sparse24 import decompress24
+
+            _, mod, shape = how
+            t = decompress24(self.raw.get(f"{mod}.compressed"), self.raw.get(f"{mod}.bitmask"), shape)
+            if dtype is not None and t.is_floating_point() and t.element_size() > 1:
+                t = t.to(dtype)
+            return t.to(device) if str(device) != "cpu" else t
         if how[0] == "codes":
             t = _bytes(self.raw.get(how[1]), how[2])
         else:  # zero: (ceil(N*b/32), G) int32 packed along N -> (N, G) unsigned codes
