@@ -10,6 +10,15 @@ Peers run only where installed (never dependencies of ours):
   defaults: zero point optimised by its proximal solver, float zero points and scales in the compute
   dtype, float32 here).
 
+* ``auto-round`` (Intel): ``pip install --no-deps auto-round`` (its ``datasets`` import is stubbed
+  here when absent: calibration comes from our tokens, nothing is downloaded). ``AutoRound`` with the
+  same bits/group/symmetry, iterations, step size (1/iters), samples per step and calibration tokens
+  as our ``autoround`` row, float32 (``amp=False``), on CPU; it leaves fake-quantized weights in the
+  model, which is what is evaluated.
+
+Calibrated rows (``autoround``, ``auto-round``) use ``--calib-samples`` x ``--calib-seq-len`` tokens of
+``--calib-source`` (default pydoc: disjoint from the default evaluation text GPL-3).
+
 Every method quantizes the same Linears (all but lm_head) of a fresh copy of the float model; the
 wall time covers quantizing and packing all of them, in this process, one method after another.
 """
@@ -47,6 +56,48 @@ def _peer_hqq(bits: int, group_size: int):
     return run
 
 
+def _ours_autoround(cfg, calib):
+    def run(model):
+        from torchcompress.quant.autoround import autoround_model
+
+        autoround_model(model, cfg, calib, ignore=["lm_head"], batch_size=8)
+    return run
+
+
+def _stub_datasets() -> None:
+    """auto-round imports ``datasets`` at import time; without it, a stub (we pass our own token ids)."""
+    import sys
+    import types
+
+    if importlib.util.find_spec("datasets") is not None or "datasets" in sys.modules:
+        return
+    ds = types.ModuleType("datasets")
+
+    def absent(*_a, **_k):
+        raise RuntimeError("datasets is not installed (stubbed by bench_peers.py)")
+
+    for name in ("Dataset", "Features", "IterableDataset", "Sequence", "Value"):
+        setattr(ds, name, type(name, (), {}))
+    for name in ("concatenate_datasets", "load_dataset", "load_from_disk"):
+        setattr(ds, name, absent)
+    sys.modules["datasets"] = ds
+
+
+def _peer_autoround(tokenizer, calib, bits: int, group_size: int, sym: bool, iters: int, batch_size: int, seed: int):
+    def run(model):
+        _stub_datasets()
+        from auto_round import AutoRound
+
+        data = [{"input_ids": calib.input_ids[i:i + 1], "attention_mask": calib.attention_mask[i:i + 1]}
+                for i in range(calib.input_ids.shape[0])]
+        with torch.enable_grad():
+            ar = AutoRound(model, tokenizer, bits=bits, group_size=group_size, sym=sym, iters=iters, batch_size=batch_size,
+                           nsamples=len(data), seqlen=calib.input_ids.shape[1], dataset=data, seed=seed, amp=False,
+                           device_map="cpu", enable_torch_compile=False)
+            ar.quantize()
+    return run
+
+
 def main() -> None:
     from torchcompress.config import HQQConfig, QuantScheme, RTNConfig
     from torchcompress.eval.perplexity import evaluate, make_windows
@@ -61,8 +112,15 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
+    p.add_argument("--only", default="", help="comma-separated method name prefixes to run (default: all)")
     p.add_argument("--json", default=None, help="append one JSON line per method here")
+    p.add_argument("--calib-source", default="pydoc")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--ar-group-size", type=int, default=128, help="group size of the autoround rows")
+    p.add_argument("--ar-iters", type=int, default=200, help="sign-gradient steps per block (ours and auto-round)")
+    p.add_argument("--ar-batch", type=int, default=8, help="samples per step (ours and auto-round)")
+    p.add_argument("--ar-sym", action="store_true", help="symmetric autoround rows (default asymmetric)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -80,10 +138,25 @@ def main() -> None:
         methods[f"hqq {_version('hqq')} W{b} g{g}"] = _peer_hqq(b, g)
     else:
         print("# hqq not installed (pip install --no-deps hqq termcolor): its row is skipped")
+    from torchcompress.calibration import CalibrationConfig, build_calibration
+    from torchcompress.quant.autoround_config import AutoRoundConfig
+
+    calib = build_calibration(CalibrationConfig(sources=(a.calib_source,), num_samples=a.calib_samples,
+                                                seq_len=a.calib_seq_len), lm.model, lm.tokenizer)
+    ag, it, sym = a.ar_group_size, a.ar_iters, a.ar_sym
+    kind = "sym" if sym else "asym"
+    methods[f"ours RTN W{b} g{ag} {kind}"] = _ours(RTNConfig(QuantScheme(bits=b, group_size=ag, symmetric=sym)))
+    methods[f"ours autoround W{b} g{ag} {kind} {it} it"] = _ours_autoround(
+        AutoRoundConfig(QuantScheme(bits=b, group_size=ag, symmetric=sym), iters=it, batch_size=a.ar_batch), calib)
+    if importlib.util.find_spec("auto_round") is not None:
+        methods[f"auto-round {_version('auto-round')} W{b} g{ag} {kind} {it} it"] = _peer_autoround(
+            lm.tokenizer, calib, b, ag, sym, it, a.ar_batch, 0)
+    else:
+        print("# auto-round not installed (pip install --no-deps auto-round): its row is skipped")
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     rows = []
     for name, fn in methods.items():
-        if only and not any(o in name for o in only):
+        if only and not any(name.startswith(o) for o in only):
             continue
         model = copy.deepcopy(lm.model).eval()
         t0 = time.perf_counter()

@@ -77,3 +77,20 @@ def test_big_outputs_stay_sharded_and_load_everywhere(tiny, tmp_path, monkeypatc
     ids = calib.input_ids[:2]
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, load_compressed(d)(ids).logits, rtol=0, atol=0)
+
+
+def test_streamed_equals_in_memory_autoround(tiny, tmp_path):
+    """The bundled sign-gradient rounding recipe, with fewer steps (the test's time) and 4 of the 8
+    samples of a batch per step (the seeded draw must match too)."""
+    import dataclasses
+
+    model, tok, calib, src = tiny
+    recipe = load_recipe("w4-autoround-g128")
+    stage = recipe.stages[0]
+    stage = dataclasses.replace(stage, config=dataclasses.replace(stage.config, iters=12, batch_size=4))
+    recipe = dataclasses.replace(recipe, stages=(stage,))
+    ref, ref_rep = _in_memory(model, recipe, calib, tmp_path / "mem")
+    rep = compress_checkpoint(src, recipe, tmp_path / "stream", calib=calib, tokenizer=tok)
+    _assert_same(ref, load_compressed(tmp_path / "stream"))
+    assert sorted(r.module for r in rep.layers) == sorted(r.module for r in ref_rep.layers)
+    assert len(rep.layers) == 14

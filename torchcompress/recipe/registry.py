@@ -14,15 +14,17 @@ from ..lowrank.config import LoRAConfig, SVDConfig
 from ..lowrank.stages import run_lora_stage, run_svd_stage
 from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
 from ..prune.stages import run_prune_stage
+from ..quant.autoround_config import AutoRoundConfig
 from ..quant.gguf_config import GGUFConfig
 from ..training.config import DistillConfig, QATTrainConfig
 from ..quant.scheme_config import SCHEME_STAGE_KINDS, FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config
-from .stage_runners import run_distill, run_gguf, run_gptq, run_qat, run_quantize, run_scheme, run_smoothquant
+from .stage_runners import run_autoround, run_distill, run_gguf, run_gptq, run_qat, run_quantize, run_scheme, run_smoothquant
 
 STAGE_KINDS: dict[str, type] = {
     **CORE_KINDS,  # rtn, qat_prepare (and any kind a config module registers beside its class)
     "gptq": GPTQConfig,
     "gguf": GGUFConfig,
+    "autoround": AutoRoundConfig,  # sign-gradient rounding (issue #22)
     "prune_magnitude": MagnitudePruneConfig,
     "wanda": WandaConfig,
     "sparsegpt": SparseGPTConfig,
@@ -40,6 +42,7 @@ RUNNERS: dict[type, Callable] = {
     HQQConfig: run_quantize,  # data-free HQQ (issue #22): quantize_ dispatches on the config type
     GPTQConfig: run_gptq,
     GGUFConfig: run_gguf,
+    AutoRoundConfig: run_autoround,
     MagnitudePruneConfig: run_prune_stage,
     WandaConfig: run_prune_stage,
     SparseGPTConfig: run_prune_stage,

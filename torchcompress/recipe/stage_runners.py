@@ -45,6 +45,13 @@ def run_gptq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
                offload_dir=getattr(calib_data, "offload_dir", None))
 
 
+def run_autoround(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.autoround import autoround_model
+
+    autoround_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
+                    on_module=record_quant(stage, records), offload_dir=getattr(calib_data, "offload_dir", None))
+
+
 def run_gguf(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
     from ..quant.gguf import quantize_gguf_
 

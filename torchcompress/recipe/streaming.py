@@ -88,6 +88,12 @@ def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | N
         step = gptq_step(cfg, stage.targets, ignore, on_module=record_quant(stage, records, losses),
                          on_loss=losses.__setitem__)
         return _Plan(stage, step, None, records)
+    from ..quant.autoround_config import AutoRoundConfig
+
+    if isinstance(cfg, AutoRoundConfig):
+        from ..quant.autoround import autoround_step
+
+        return _Plan(stage, autoround_step(cfg, stage.targets, ignore, on_module=record_quant(stage, records)), None, records)
     if isinstance(cfg, GGUFConfig) and not cfg.imatrix:
         from ..quant.gguf import gguf_planner, quantize_gguf_
 
