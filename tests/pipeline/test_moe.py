@@ -205,3 +205,10 @@ def test_save_load_gives_the_same_logits(family, tmp_path):
     ids = _calib(2, seed=3).input_ids
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # transformers itself (with the torchcompress quantization method registered) rebuilds the unfused experts
+    import torchcompress.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids).logits)

@@ -140,6 +140,14 @@ def match_expert_layout(model: nn.Module, directory) -> list[str]:
     return unfuse_experts_(model)
 
 
+def unfuse_for_manifest(model: nn.Module, modules) -> list[str]:
+    """Unfuse ``model``'s experts when the manifest ``modules`` names compressed modules inside them."""
+    fused = fused_experts(model)
+    if any(str(n).startswith(f"{f}.") for f in fused for n in modules):
+        return unfuse_experts_(model)
+    return []
+
+
 def routed_owners(block: nn.Module) -> dict[int, tuple[ExpertLinears, int]]:
     """``{id(linear): (experts module, expert index)}`` for the expert linears under ``block``."""
     out = {}
