@@ -245,3 +245,21 @@ def test_expert_statistics_use_only_real_routed_tokens():
         torch.testing.assert_close(padded[n].sum, plain[n].sum, rtol=1e-5, atol=1e-6)
         total += plain[n].tokens if n.endswith("w1") else 0
     assert total == 2 * (12 + 16)  # top-2 routing: each real token reaches two experts
+
+
+def test_python_verbs_quantize_the_experts():
+    """``quantize_`` and ``gptq_model`` on a fused transformers MoE quantize every expert projection too."""
+    from torchcompress.api import quantize_
+    from torchcompress.config import GPTQConfig, QuantScheme
+    from torchcompress.nn.quant_linear import QuantLinear
+    from torchcompress.quant.gptq import gptq_model
+
+    for verb in ("rtn", "gptq"):
+        model = _model("qwen3_moe")
+        if verb == "rtn":
+            quantize_(model, QuantScheme(bits=4, group_size=32))
+        else:
+            gptq_model(model, GPTQConfig(QuantScheme(bits=4, group_size=32)), _calib())
+        for layer in model.model.layers:
+            for e in range(4):
+                assert all(isinstance(m, QuantLinear) for m in layer.mlp.experts.projections(e)), verb

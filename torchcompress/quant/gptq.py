@@ -28,7 +28,7 @@ from ..nn.pruned_linear import PrunedLinear
 from ..pipeline.context import BlockContext
 from ..pipeline.engine import BlockStep, run_in_memory
 from ..pipeline.skeleton import find_blocks
-from ..pipeline.experts import routed_owners
+from ..pipeline.experts import routed_owners, unfuse_experts_
 from ..primitives.gptq import gptq_quantize, layer_error, rtn_result
 from ..targets import select_modules, set_submodule
 
@@ -118,6 +118,7 @@ def gptq_model(model: nn.Module, cfg: GPTQConfig, calib, *, targets: Iterable = 
         raise ConfigError("calib_data", "GPTQ needs calibration data: pass a CalibrationSet "
                           "(torchcompress.calibration.build_calibration) or use the CLI's --calib")
     ignore = DEFAULT_IGNORE if ignore is None else ignore
+    unfuse_experts_(model)  # one nn.Linear per MoE expert projection (transformers 5 fuses them)
     prefix, blocks = find_blocks(model)
     state = None
     if state_dir is not None:
