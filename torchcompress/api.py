@@ -91,6 +91,9 @@ def quantize_(
     if fn is None:
         raise ConfigError("config", f"quantize_ does not handle {type(config).__name__}")
     ignore = DEFAULT_IGNORE if ignore is None else ignore
+    from .pipeline.experts import unfuse_experts_
+
+    unfuse_experts_(model)  # transformers 5's fused MoE experts (3-D tensors) become one nn.Linear per projection
     # a pruned layer is quantized with its mask folded in: a zero weight stays exactly zero after
     # quantization (code 0 symmetric, the integer zero point asymmetric), so the sparsity survives
     chosen = [(n, m) for n, m in select_modules(model, targets, ignore) if type(m) in (nn.Linear, PrunedLinear)]

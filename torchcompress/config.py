@@ -168,7 +168,9 @@ class GPTQConfig:
     ``true_sequential``: quantize a block's linears in execution order, each seeing the quantized
     outputs of the ones before; ``mse``: each group's range is the shrink of its min/max that
     minimises ``sum |w_hat - w|^2.4`` (the GPTQ reference quantizer's ``mse`` option) instead of the
-    full min/max.
+    full min/max. ``expert_min_tokens``: a mixture-of-experts expert whose projections saw fewer than
+    this many calibration tokens per input feature (its Hessian is calibrated only on the tokens
+    routed to it) is rounded to nearest instead, with the same range choice, and recorded as such.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -178,6 +180,7 @@ class GPTQConfig:
     static_groups: bool = False
     true_sequential: bool = True
     mse: bool = False
+    expert_min_tokens: float = 2.0
     needs_calibration: ClassVar[bool] = True  # the CLI builds calibration data for such stages
 
     def __post_init__(self):
@@ -190,6 +193,9 @@ class GPTQConfig:
         for name in ("act_order", "static_groups", "true_sequential", "mse"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        t = self.expert_min_tokens
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise ConfigError("expert_min_tokens", f"must be a number >= 0 (calibration tokens per input feature), got {t!r}")
 
 
 STAGE_KINDS["gptq"] = GPTQConfig

@@ -29,6 +29,9 @@ class LayerRecord:
     # GPTQ: trace((W - W_hat) H (W - W_hat)^T) with H = 2 X^T X / tokens, the layer's output error
     # on the calibration data (what GPTQ minimises)
     gptq_loss: float | None = None
+    # GPTQ fell back to round-to-nearest: why (an expert too few calibration tokens reached, or a
+    # Hessian that would not factor); None when GPTQ ran
+    rtn_fallback: str | None = None
 
 
 @dataclass

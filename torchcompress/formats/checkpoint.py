@@ -323,5 +323,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         from .hf import empty_hf_model
 
         model = empty_hf_model(path)
+    from ..pipeline.experts import match_expert_layout
+
+    match_expert_layout(model, path)  # compressed MoE experts are stored one linear per expert
     apply_manifest(model, manifest, source=str(path))
     return load_state_into(model, path, manifest)

@@ -99,6 +99,9 @@ def register() -> None:
         def _process_model_before_weight_loading(self, model, **kwargs):
             # swap in empty QuantLinear modules so the checkpoint's packed tensors have a home
             cfg = self.quantization_config.to_dict()
+            from ..pipeline.experts import unfuse_for_manifest
+
+            unfuse_for_manifest(model, cfg["modules"])  # compressed MoE experts are one linear per expert
             apply_manifest(model, cfg, device="meta", source="config.json")
             return model
 

@@ -114,6 +114,25 @@ def capture_inputs(model: nn.Module, blocks, batches, device, offload_dir=None, 
     return got
 
 
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None, owner=None) -> torch.Tensor:
+    """The rows of a linear's input ``x`` that are real calibration tokens, as (T, K).
+
+    ``mask``: (B, L) bool, True on real tokens. ``x`` is (B, L, K); or (B * L, K), the flattened
+    tokens a MoE layer hands its shared expert; or (T_e, K), the tokens routed to one expert, whose
+    positions among the (B * L) the expert's ``owner`` (ExpertLinears, index) recorded in its forward."""
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    mask = mask.to(x.device)
+    if x.shape[:-1] == mask.shape:
+        return x[mask]
+    if owner is not None:
+        experts, e = owner
+        return x[mask.reshape(-1)[experts.routed[e].to(x.device)]]
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
+    raise ValueError(f"linear input of shape {tuple(x.shape)} does not match the calibration mask {tuple(mask.shape)}")
+
+
 class BlockContext:
     """A decoder block on the execution device and the activations entering it."""
 
@@ -135,15 +154,16 @@ class BlockContext:
                 ) -> dict[str, Statistic]:
         """Statistics ``kind`` of each named linear's input over every batch's real tokens, summed
         across processes. ``stop_after``: the forward stops once that linear has run."""
+        from .experts import routed_owners
+
         stats = {n: Statistic(kind, m.in_features, self.device) for n, m in linears.items()}
         mask = [None]
+        owners = routed_owners(self.block)  # expert linears see only the rows routed to them
 
         def hook(name, stop):
-            def fn(_mod, args, _out):
-                x = args[0].detach()  # (B, L, K)
-                m = mask[0]
-                x = x[m.to(x.device)] if m is not None else x.reshape(-1, x.shape[-1])  # (T, K)
-                stats[name].add(x)
+            def fn(mod, args, _out):
+                x = args[0].detach()  # (B, L, K), or (B * L, K) inside a MoE layer, or (T_e, K) in an expert
+                stats[name].add(real_rows(x, mask[0], owners.get(id(mod))))
                 if stop:
                     raise StopForward
             return fn
@@ -164,10 +184,13 @@ class BlockContext:
     @torch.no_grad()
     def linear_groups(self, linears: dict[str, nn.Module]) -> list[list[str]]:
         """Linears in execution order, grouped by shared input (q/k/v read the same tensor)."""
-        order, seen, alive = [], {}, []
+        order, seen, alive, placed = [], {}, [], set()
 
         def hook(name):
             def fn(_mod, args, _out):
+                if name in placed:  # seen in an earlier batch
+                    return
+                placed.add(name)
                 alive.append(args[0])  # kept alive so no later tensor reuses its address
                 key = (args[0].data_ptr(), tuple(args[0].shape))
                 if key in seen:
@@ -179,13 +202,17 @@ class BlockContext:
 
         handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
         try:
-            if len(self.inputs):
-                self.forward(0)
+            # batch 0 runs every dense linear; an expert no token of batch 0 was routed to waits for a
+            # later batch (the batches run until every linear has been seen, or none is left)
+            for i in range(len(self.inputs)):
+                self.forward(i)
+                if len(placed) == len(linears):
+                    break
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in linears if not any(n in g for g in order)]
-        return order + ([missing] if missing else [])
+        # never run (an expert no calibration token reaches): each alone, as nothing shows a shared input
+        return order + [[n] for n in linears if n not in placed]
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:

@@ -43,6 +43,9 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     except (ValueError, KeyError) as e:
         raise InputError(f"{ckpt.dir}: architecture {getattr(config, 'model_type', '?')!r} is not a causal LM "
                          f"transformers can build: {e}".splitlines()[0]) from None
+    from .experts import unfuse_experts_
+
+    unfuse_experts_(model)  # one nn.Linear per expert projection, named as the checkpoint names them
     return model.eval()
 
 
@@ -73,9 +76,13 @@ def _tied_sources(model: nn.Module) -> dict[str, str]:
 
 
 def checkpoint_key(model: nn.Module, ckpt: Checkpoint, full: str) -> str:
-    """The checkpoint's name for the model's tensor ``full``; tied copies read their source."""
+    """The checkpoint's name for the model's tensor ``full``: the same name, the name transformers'
+    conversion mapping renames to it (``block_sparse_moe.`` -> ``mlp.``), or, for tied copies, their source."""
     if full in ckpt.tensors:
         return full
+    renamed = _renamed(model, ckpt).get(full)
+    if renamed is not None:
+        return renamed
     tied = tied_sources(model)
     src = tied.get(full)
     if src is not None and src in ckpt.tensors:
@@ -84,6 +91,17 @@ def checkpoint_key(model: nn.Module, ckpt: Checkpoint, full: str) -> str:
         if b == full and a in ckpt.tensors:
             return a
     raise FormatError(ckpt.dir, f"no tensor {full!r} in the checkpoint")
+
+
+def _renamed(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Module tensor name -> checkpoint key, for the keys the conversion mapping renames (cached on the model)."""
+    cache = model.__dict__.setdefault("_tc_ckpt_names", {})
+    got = cache.get(id(ckpt))
+    if got is None:
+        from .experts import checkpoint_names
+
+        got = cache[id(ckpt)] = checkpoint_names(model, ckpt.tensors)
+    return got
 
 
 def tied_sources(model: nn.Module) -> dict[str, str]:

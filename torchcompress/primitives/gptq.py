@@ -274,6 +274,18 @@ def _block_qparams(fixed, gran, cols: torch.Tensor, gs: int, cur_s, cur_z, n: in
     return cur_s.float().expand(n, b), None if cur_z is None else cur_z.float().expand(n, b)
 
 
+def rtn_result(w: torch.Tensor, scheme: QuantScheme, *, mse: bool = False, mask: torch.Tensor | None = None,
+               act_order: bool = False, static_groups: bool = False) -> GPTQResult:
+    """Round-to-nearest of ``w`` as a :class:`GPTQResult` marked ``fallback`` (a layer GPTQ cannot
+    calibrate, e.g. an expert too few calibration tokens reach), with the run's range choice
+    (``mse``: the clip search, else min/max); pruned weights (``mask`` False) get the code of 0."""
+    W = w.detach().float().clone()
+    if mask is not None:
+        W = W * mask.to(W.device)
+    qparams = search_qparams if mse else compute_qparams
+    return _rtn_fallback(W, scheme, 0, qparams, mask, act_order, static_groups, "mse" if mse else "minmax")
+
+
 def _rtn_fallback(w: torch.Tensor, scheme: QuantScheme, dead: int, qparams, mask, act_order: bool,
                   static_groups: bool, observer: str) -> GPTQResult:
     """Round-to-nearest of the weight GPTQ would have quantized (``w``: masked, dead columns zeroed),

@@ -28,7 +28,8 @@ from ..nn.pruned_linear import PrunedLinear
 from ..pipeline.context import BlockContext
 from ..pipeline.engine import BlockStep, run_in_memory
 from ..pipeline.skeleton import find_blocks
-from ..primitives.gptq import gptq_quantize, layer_error
+from ..pipeline.experts import routed_owners, unfuse_experts_
+from ..primitives.gptq import gptq_quantize, layer_error, rtn_result
 from ..targets import select_modules, set_submodule
 
 log = logging.getLogger(__name__)
@@ -53,22 +54,38 @@ def gptq_block(ctx: BlockContext, cfg: GPTQConfig, linears: dict[str, nn.Module]
     shared = ctx.linear_groups(linears)
     rep_of = {n: sub[0] for sub in shared for n in sub}
     groups = shared if cfg.true_sequential else [[n for sub in shared for n in sub]]
+    experts = routed_owners(ctx.block)  # expert linears: calibrated only on the tokens routed to them
     hess: dict = {}
     for group in groups:
         reps = [sub[0] for sub in shared if sub[0] in group]
         hess.clear()  # the previous group's Hessians go before this group's are collected
         last = next(sub[0] for sub in reversed(shared) if sub[0] in group) if cfg.true_sequential else None
         stats = ctx.collect({n: linears[n] for n in reps}, "hessian", stop_after=last)
+        tokens = {r: stats[r].tokens for r in reps}
         hess.update({r: stats.pop(r).hessian() for r in reps})
         for n in group:
             lin, full = linears[n], ctx.prefix + n
             w = lin.weight.detach()
-            res = gptq_quantize(w, hess[rep_of[n]].to(w.device), cfg.scheme, block_size=cfg.block_size, damp=cfg.damp,
-                                act_order=cfg.act_order, static_groups=cfg.static_groups, mse=cfg.mse,
-                                name=f"{full}.weight", mask=lin.mask if isinstance(lin, PrunedLinear) else None)
-            if res.fallback:
-                log.warning("%s: Hessian not positive definite even with 1000x damping; fell back to round-to-nearest", full)
+            mask = lin.mask if isinstance(lin, PrunedLinear) else None
+            need = cfg.expert_min_tokens * lin.in_features
+            if id(lin) in experts and tokens[rep_of[n]] < need:
+                log.warning("%s: %d calibration tokens routed to this expert (< %g x %d in-features); "
+                            "round-to-nearest instead of GPTQ", full, tokens[rep_of[n]], cfg.expert_min_tokens,
+                            lin.in_features)
+                res = rtn_result(w, cfg.scheme, mse=cfg.mse, mask=mask, act_order=cfg.act_order,
+                                 static_groups=cfg.static_groups)
+                reason = f"{tokens[rep_of[n]]} routed tokens < {need:g}"
+            else:
+                res = gptq_quantize(w, hess[rep_of[n]].to(w.device), cfg.scheme, block_size=cfg.block_size,
+                                    damp=cfg.damp, act_order=cfg.act_order, static_groups=cfg.static_groups,
+                                    mse=cfg.mse, name=f"{full}.weight", mask=mask)
+                reason = "Hessian not positive definite"
+                if res.fallback:
+                    log.warning("%s: Hessian not positive definite even with 1000x damping; fell back to "
+                                "round-to-nearest", full)
             new = module_from_gptq(lin, res, cfg.scheme, cfg).to(w.device)
+            if res.fallback:
+                new.gptq_info["fallback_reason"] = reason
             set_submodule(ctx.block, n, new)
             if on_loss is not None:
                 h = hess[rep_of[n]]
@@ -101,6 +118,7 @@ def gptq_model(model: nn.Module, cfg: GPTQConfig, calib, *, targets: Iterable = 
         raise ConfigError("calib_data", "GPTQ needs calibration data: pass a CalibrationSet "
                           "(torchcompress.calibration.build_calibration) or use the CLI's --calib")
     ignore = DEFAULT_IGNORE if ignore is None else ignore
+    unfuse_experts_(model)  # one nn.Linear per MoE expert projection (transformers 5 fuses them)
     prefix, blocks = find_blocks(model)
     state = None
     if state_dir is not None:

@@ -61,8 +61,10 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
     ``calib_data`` is handed to stages that need activations (none of the RTN stages do).
     ``on_stage(stage_record)`` is called after each stage (the CLI prints a line).
     """
+    from ..pipeline.experts import unfuse_experts_
     from ..telemetry.run import for_run
 
+    unfuse_experts_(model)  # transformers 5 fuses MoE experts into 3-D tensors: one nn.Linear per projection
     report = Report(recipe=recipe.name, size_bytes_before=model_bytes(model), size_bytes_after=0,
                     bytes_by_type_before=bytes_by_module_type(model))
     tel = for_run(recipe)  # OpenTelemetry spans compress > stage > layer (from the LayerRecords) + metrics; no-op when off

@@ -25,6 +25,9 @@ def record_quant(stage: Stage, records: list, gptq_losses: dict | None = None) -
             rec.bits_per_weight = new.weight_bits() / w.numel()
         if gptq_losses is not None:
             rec.gptq_loss = gptq_losses.pop(name, None)
+        info = getattr(new, "gptq_info", None) or {}
+        if info.get("fallback_rtn"):
+            rec.rtn_fallback = str(info.get("fallback_reason", "Hessian not positive definite"))
         records.append(rec)
 
     return on_module
