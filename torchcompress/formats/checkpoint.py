@@ -165,9 +165,13 @@ def standard_format_reason(manifest: dict) -> str | None:
     least one), else why the checkpoint stays in our own format."""
     from .ct_convert import ct_reason
 
+    import re
+
     if not manifest["modules"]:
         return "no compressed module"
     for name, entry in manifest["modules"].items():
+        if re.search(r"\.experts\.\d+\.", name):  # transformers 5 and vLLM load experts fused, not per expert
+            return f"{name}: mixture-of-experts projections are stored per expert (unfused)"
         reason = ct_reason(name, entry)
         if reason is not None:
             return reason
