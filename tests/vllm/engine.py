@@ -12,10 +12,14 @@ WORKER = Path(__file__).with_name("worker.py")
 DEFAULT_VENV = Path.home() / ".cache" / "torchcompress" / "vllm-venv"
 
 
+def venv_dir() -> Path:
+    """TORCHCOMPRESS_VLLM_VENV, else scripts/vllm_venv.sh's default."""
+    return Path(os.environ.get("TORCHCOMPRESS_VLLM_VENV", DEFAULT_VENV))
+
+
 def venv_python() -> Path | None:
-    """The vLLM venv's python (TORCHCOMPRESS_VLLM_VENV, else scripts/vllm_venv.sh's default), or None."""
-    venv = Path(os.environ.get("TORCHCOMPRESS_VLLM_VENV", DEFAULT_VENV))
-    py = venv / "bin" / "python"
+    """The vLLM venv's python, or None when the venv is not built."""
+    py = venv_dir() / "bin" / "python"
     return py if py.is_file() else None
 
 

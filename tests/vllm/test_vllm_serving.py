@@ -4,9 +4,13 @@ For every scheme vLLM CPU serves: compress SmolLM2 with torchcompress, export it
 (compressed-tensors or GPTQ), run vLLM on the directory in its own venv (scripts/vllm_venv.sh) and
 compare with transformers in float32 on the same directory: greedy tokens for 2 prompts x 20 tokens
 must be equal, and teacher-forced log-probabilities of the reference sequences must agree to a mean
-|difference| under 0.1 nats (bf16 vs float32 measures 0.01-0.04 here; a wrong checkpoint measures
-far more: see the negative control). Schemes vLLM CPU refuses are tested as refusals, with vLLM's
-reason, so the README's engine table is checked both ways.
+|difference| under 0.1 nats (issue #21's acceptance bound). Schemes vLLM CPU refuses are tested as
+refusals, with vLLM's reason, so the README's engine table is checked both ways.
+
+Measured so far (one run, loaded 2-core machine): w4-g64-sym 18/40 tokens equal, mean |log-prob diff|
+0.234 nats (max 1.34, largest at the first positions of the raw, BOS-less prompts): this FAILS the
+bound; whether bf16 alone explains it (transformers bf16 vs float32 on the same directory) is not yet
+measured. W8 per-channel: refused (no CPU kernel for uint8b128).
 """
 
 from __future__ import annotations
@@ -14,18 +18,17 @@ from __future__ import annotations
 import pytest
 
 from tests.vllm import checkpoints as C
-from tests.vllm.engine import DEFAULT_VENV, mean_abs_logprob_diff, run_vllm, venv_python
+from tests.vllm.engine import mean_abs_logprob_diff, run_vllm, venv_dir, venv_python
 
 pytestmark = [
     pytest.mark.vllm, pytest.mark.slow, pytest.mark.e2e,
-    pytest.mark.skipif(venv_python() is None, reason=f"no vLLM venv at {DEFAULT_VENV} (or $TORCHCOMPRESS_VLLM_VENV): "
-                       "build it with `bash scripts/vllm_venv.sh`"),
+    pytest.mark.skipif(venv_python() is None, reason=f"no vLLM venv at {venv_dir()} ($TORCHCOMPRESS_VLLM_VENV): build it with "
+                       "`bash scripts/vllm_venv.sh`"),
 ]
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
 NEW_TOKENS = 20
-# bf16 (vLLM) vs float32 (transformers) on the same weights measures a mean |log-prob difference| of
-# 0.01-0.04 nats per scheme (README table); a checkpoint with other weights measures ~0.3-0.5
+# issue #21's bound (not yet met: see the module docstring); the negative control's number is not measured yet
 MAX_LOGPROB_DIFF = 0.1
 
 SERVED = ["w4-g64-sym", "w4-g64-asym", "w4-gptq-g64", "fp8-w8a8", "int8-w8a8-smoothquant"]
