@@ -1,0 +1,73 @@
+"""Running vLLM (CPU build, its own venv from scripts/vllm_venv.sh) on a checkpoint, from the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("worker.py")
+DEFAULT_VENV = Path.home() / ".cache" / "torchcompress" / "vllm-venv"
+
+
+def venv_dir() -> Path:
+    """TORCHCOMPRESS_VLLM_VENV, else scripts/vllm_venv.sh's default."""
+    return Path(os.environ.get("TORCHCOMPRESS_VLLM_VENV", DEFAULT_VENV))
+
+
+def venv_python() -> Path | None:
+    """The vLLM venv's python, or None when the venv is not built."""
+    py = venv_dir() / "bin" / "python"
+    return py if py.is_file() else None
+
+
+@dataclass
+class VllmRun:
+    ok: bool
+    tokens: list | None = None
+    logprobs: list | None = None
+    quantization: str | None = None
+    error: str = ""  # the last exception line vLLM printed (a refusal), when not ok
+
+
+def _reason(log: str) -> str:
+    """The root cause of a failed start: vLLM re-raises it across processes, so take the first line
+    naming an exception in the worker's traceback (its log lines go to stdout), and the reason lines
+    under it."""
+    lines = [ln.split("] ", 1)[-1].strip() if "] " in ln else ln.strip() for ln in log.splitlines()]
+    for i, ln in enumerate(lines):
+        if ln.split(":")[0].endswith(("Error", "Exception")) and not ln.startswith(("RuntimeError: Engine core",
+                                                                                       "Exception: WorkerProc")):
+            tail = [x for x in lines[i + 1:i + 6] if x and not x.startswith(("Traceback", "File ", "(", "["))]
+            return " ".join([ln] + tail)
+    return lines[-1] if lines else ""
+
+
+def run_vllm(model_dir: Path, prompts: list, max_tokens: int, scored: list, work: Path,
+             timeout: float = 900) -> VllmRun:
+    """Greedy tokens for ``prompts`` and teacher-forced log-probs of ``scored`` from vLLM (bf16)."""
+    py = venv_python()
+    assert py is not None, "no vLLM venv (scripts/vllm_venv.sh)"
+    work.mkdir(parents=True, exist_ok=True)
+    req, res = work / "request.json", work / "result.json"
+    req.write_text(json.dumps({"model": str(model_dir), "dtype": "bfloat16", "prompts": prompts,
+                               "max_tokens": max_tokens, "scored": scored}))
+    # 1 GiB of KV cache is plenty for 2 x 40 tokens; no hub; the worker must not see our checkout's
+    # packages (PYTHONPATH): vLLM runs in its own environment
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([str(py), str(WORKER), str(req), str(res)], capture_output=True, text=True, env=env,
+                       timeout=timeout, cwd=str(work))
+    (work / "vllm.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        return VllmRun(ok=False, error=_reason(p.stdout + "\n" + p.stderr))
+    out = json.loads(res.read_text())
+    return VllmRun(ok=True, tokens=out["tokens"], logprobs=out["logprobs"], quantization=out["quantization"])
+
+
+def mean_abs_logprob_diff(a: list, b: list) -> float:
+    """Mean |a - b| over every scored position of every sequence (nats)."""
+    pairs = [(x, y) for sa, sb in zip(a, b, strict=True) for x, y in zip(sa, sb, strict=True)]
+    return sum(abs(x - y) for x, y in pairs) / len(pairs)

@@ -1,0 +1,104 @@
+"""vLLM (CPU build 0.32.0, bf16) as a consumer of our exports (issue #21 item 3).
+
+For every scheme vLLM CPU serves: compress SmolLM2 with torchcompress, export it
+(compressed-tensors or GPTQ), run vLLM on the directory in its own venv (scripts/vllm_venv.sh) and
+compare with transformers in float32 on the same directory: greedy tokens for 2 prompts x 20 tokens
+must be equal, and teacher-forced log-probabilities of the reference sequences must agree to a mean
+|difference| under 0.1 nats (issue #21's acceptance bound). Schemes vLLM CPU refuses are tested as
+refusals, with vLLM's reason, so the README's engine table is checked both ways.
+
+Measured so far (one run, loaded 2-core machine): w4-g64-sym 18/40 tokens equal, mean |log-prob diff|
+0.234 nats (max 1.34, largest at the first positions of the raw, BOS-less prompts): this FAILS the
+bound; whether bf16 alone explains it (transformers bf16 vs float32 on the same directory) is not yet
+measured. W8 per-channel: refused (no CPU kernel for uint8b128).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.vllm import checkpoints as C
+from tests.vllm.engine import mean_abs_logprob_diff, run_vllm, venv_dir, venv_python
+
+pytestmark = [
+    pytest.mark.vllm, pytest.mark.slow, pytest.mark.e2e,
+    pytest.mark.skipif(venv_python() is None, reason=f"no vLLM venv at {venv_dir()} ($TORCHCOMPRESS_VLLM_VENV): build it with "
+                       "`bash scripts/vllm_venv.sh`"),
+]
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):")
+NEW_TOKENS = 20
+# issue #21's bound (not yet met: see the module docstring); the negative control's number is not measured yet
+MAX_LOGPROB_DIFF = 0.1
+
+SERVED = ["w4-g64-sym", "w4-g64-asym", "w4-gptq-g64", "fp8-w8a8", "int8-w8a8-smoothquant"]
+# scheme -> what vLLM's CPU build says (a fragment of its error)
+REFUSED = {"w8-channel": "uint8b128"}
+
+
+class Served:
+    """One scheme's checkpoint, its transformers float32 reference and vLLM's run (built once)."""
+
+    def __init__(self, name: str, root):
+        from transformers import AutoTokenizer
+
+        self.scheme = C.SCHEMES[name]
+        self.path = C.build(self.scheme, root / name)
+        tok = AutoTokenizer.from_pretrained(str(self.path))
+        self.prompts = [tok(p)["input_ids"] for p in PROMPTS]
+        ref = C.load_reference(self.scheme, self.path)
+        self.ref_tokens = [C.greedy(ref, p, NEW_TOKENS) for p in self.prompts]
+        self.scored = [p + t for p, t in zip(self.prompts, self.ref_tokens)]
+        self.ref_logprobs = [C.teacher_forced_logprobs(ref, s) for s in self.scored]
+        del ref
+        self.run = run_vllm(self.path, self.prompts, NEW_TOKENS, self.scored, root / f"{name}-vllm")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    cache: dict[str, Served] = {}
+
+    def get(name: str) -> Served:
+        if name not in cache:
+            cache[name] = Served(name, root)
+        return cache[name]
+
+    return get
+
+
+def agreement(tokens_a, lp_a, tokens_b, lp_b) -> tuple[int, int, float]:
+    """(equal tokens, tokens, mean |log-prob difference|)."""
+    pairs = [(x, y) for ta, tb in zip(tokens_a, tokens_b, strict=True) for x, y in zip(ta, tb, strict=True)]
+    return sum(x == y for x, y in pairs), len(pairs), mean_abs_logprob_diff(lp_a, lp_b)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_vllm_serves_export_like_transformers(served, name):
+    s = served(name)
+    assert s.run.ok, f"vLLM refused {name}: {s.run.error}"
+    assert s.run.quantization == ("gptq" if s.scheme.export == "gptq" else "compressed-tensors")
+    equal, total, diff = agreement(s.ref_tokens, s.ref_logprobs, s.run.tokens, s.run.logprobs)
+    print(f"{name}: tokens {equal}/{total}, mean |log-prob diff| {diff:.4f} nats")
+    assert s.run.tokens == s.ref_tokens
+    assert diff < MAX_LOGPROB_DIFF
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_vllm_refuses_scheme_with_reason(served, name):
+    s = served(name)
+    assert not s.run.ok, f"vLLM now serves {name}: move it to SERVED and the README's engine table"
+    assert REFUSED[name] in s.run.error, s.run.error
+
+
+def test_wrong_checkpoint_fails_the_check(served):
+    """Negative control: vLLM on the W4 RTN checkpoint scored against transformers on the W4 GPTQ
+    checkpoint (same bits, group and symmetry, other weights) must fail the check above."""
+    right, wrong = served("w4-g64-sym"), served("w4-gptq-g64")
+    assert right.run.ok
+    ref = C.load_reference(wrong.scheme, wrong.path)
+    wrong_tokens = [C.greedy(ref, p, NEW_TOKENS) for p in right.prompts]
+    wrong_logprobs = [C.teacher_forced_logprobs(ref, s) for s in right.scored]
+    equal, total, diff = agreement(wrong_tokens, wrong_logprobs, right.run.tokens, right.run.logprobs)
+    print(f"wrong checkpoint: tokens {equal}/{total}, mean |log-prob diff| {diff:.4f} nats")
+    assert diff > MAX_LOGPROB_DIFF
