@@ -494,7 +494,10 @@ def _export_quantized(args) -> int:
         out = save_sparse24(lm.model, args.out, tokenizer=lm.tokenizer)
         print(f"wrote {out} ({args.format}) in {time.perf_counter() - t0:.1f}s")
         return 0
-    if not any(isinstance(m, QuantLinear) for m in lm.model.modules()):
+    from .nn.scheme_linear import SchemeLinear
+
+    kinds = (QuantLinear, SchemeLinear) if args.format == "compressed-tensors" else (QuantLinear,)
+    if not any(isinstance(m, kinds) for m in lm.model.modules()):
         raise InputError(f"--model {args.model}: has no quantized Linear layer; --format {args.format} exports the "
                          "output of `torchcompress compress` with an RTN or GPTQ recipe")
     _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
