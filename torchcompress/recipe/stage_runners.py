@@ -80,3 +80,18 @@ def run_smoothquant(model: nn.Module, stage: Stage, records: list, calib_data) -
         m = model.get_submodule(name)
         params, size = sum(p.numel() for p in m.parameters()), tensor_bytes(m)
         records.append(LayerRecord(stage.name, name, stage.kind, params, size, size))
+
+
+def record_rotation(stage: Stage, records: list) -> Callable:
+    def on_module(name: str, m: nn.Module) -> None:  # weights rotated in place: same bytes
+        size = tensor_bytes(m)
+        records.append(LayerRecord(stage.name, name, stage.kind, sum(p.numel() for p in m.parameters()), size, size))
+
+    return on_module
+
+
+def run_rotate(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    """Residual-stream rotation (issue #22): float function unchanged, every module's weights rotated."""
+    from ..quant.rotation import rotate_
+
+    rotate_(model, stage.config, on_module=record_rotation(stage, records))
