@@ -83,7 +83,7 @@ def test_fwht_equals_sylvester_product(n):
 def test_hadamard_transform_equals_dense_product(n, dtype):
     x = torch.randn(4, n, dtype=dtype)
     want = x.double() @ hadamard_matrix(n).double() / math.sqrt(n)
-    # float32: measured max error 4e-7 on unit-normal inputs up to n=1536 (log2 butterflies + a k-term sum)
+    # float32: measured max error 1.5e-6 over 20 draws of unit-normal inputs (log2 butterflies + a k-term sum)
     tol = 1e-12 if dtype == torch.float64 else 3e-6
     torch.testing.assert_close(hadamard_transform(x).double(), want, rtol=0, atol=tol)
     with pytest.raises(ValueError):

@@ -155,3 +155,14 @@ def test_smollm2_logits_unchanged():
     # rounded to float32 once); a wrong rotation moves them by whole units
     torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_streamed_rotation_must_come_first():
+    from torchcompress.recipe.schema import parse_recipe
+    from torchcompress.recipe.streaming import streamable
+
+    first = parse_recipe("stages:\n  - kind: rotate\n    seed: 3\n  - kind: rtn\n    scheme: {bits: 4, group_size: 32}\n")
+    assert streamable(first) is None
+    later = parse_recipe("stages:\n  - kind: rtn\n    scheme: {bits: 4, group_size: 32}\n  - kind: rotate\n")
+    why = streamable(later)
+    assert why is not None and "must be the first stage" in why
