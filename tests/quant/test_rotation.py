@@ -151,8 +151,8 @@ def test_smollm2_logits_unchanged():
     ref = _logits(lm.model, ids)
     rot = rotate_(copy.deepcopy(lm.model), RotateConfig(seed=0))
     got = _logits(rot, ids)
-    # measured max |diff| 1.3e-4 (1.1e-4 with online_down) on logits of magnitude ~31 over 30 blocks (float32 forward, rotated weights
-    # rounded to float32 once); a wrong rotation moves them by whole units
+    # measured max |diff| 1.3e-4 (1.1e-4 with online_down) on logits of magnitude ~31 over 30 blocks
+    # (float32 forward, rotated weights rounded to float32 once); a wrong rotation moves them by whole units
     torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
@@ -166,3 +166,17 @@ def test_streamed_rotation_must_come_first():
     later = parse_recipe("stages:\n  - kind: rtn\n    scheme: {bits: 4, group_size: 32}\n  - kind: rotate\n")
     why = streamable(later)
     assert why is not None and "must be the first stage" in why
+
+
+def test_rotate_stage_refuses_targets():
+    from torchcompress.errors import RecipeError
+    from torchcompress.recipe.runner import compress
+    from torchcompress.recipe.schema import parse_recipe
+
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match="'targets' and 'ignore' do not apply"):
+        compress(model, parse_recipe("stages:\n  - kind: rotate\n    ignore: [lm_head]\n"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rep = compress(model, parse_recipe("stages:\n  - kind: rotate\n    seed: 2\n"))
+    assert {r.module for r in rep.layers} >= {"model.embed_tokens", "lm_head", "model.layers.1.mlp.down_proj"}
