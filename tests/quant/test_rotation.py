@@ -141,6 +141,12 @@ def test_online_hadamard_quantized_checkpoint_reloads(tmp_path):
     assert type(back.model.layers[0].mlp.down_proj).__name__ == "HadamardInputLinear"
     assert back.config.tie_word_embeddings is False
     torch.testing.assert_close(_logits(back, ids), _logits(m, ids), rtol=0, atol=0)
+    import torchcompress.hf  # noqa: F401  (transformers reads the manifest through the registered quantizer)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()  # stays untied
+    torch.testing.assert_close(_logits(hf, ids), _logits(m, ids), rtol=0, atol=0)
 
 
 def test_smollm2_logits_unchanged():
