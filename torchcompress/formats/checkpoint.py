@@ -53,6 +53,9 @@ MODULE_KINDS["LowRankLinear"] = (LowRankLinear, lowrank_linear_manifest, lowrank
 from ..nn.lora_linear import LoRALinear, lora_linear_from_manifest, lora_linear_manifest  # noqa: E402
 
 MODULE_KINDS["LoRALinear"] = (LoRALinear, lora_linear_manifest, lora_linear_from_manifest)
+from ..nn.hadamard_linear import HadamardInputLinear, hadamard_linear_from_manifest, hadamard_linear_manifest  # noqa: E402
+
+MODULE_KINDS["HadamardInputLinear"] = (HadamardInputLinear, hadamard_linear_manifest, hadamard_linear_from_manifest)
 from ..nn.scheme_linear import register_manifest_kinds  # noqa: E402  (FP8 / INT8 W8A8 / FP4, issue #21)
 
 register_manifest_kinds(MODULE_KINDS)

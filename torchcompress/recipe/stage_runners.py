@@ -90,3 +90,25 @@ def run_smoothquant(model: nn.Module, stage: Stage, records: list, calib_data) -
         m = model.get_submodule(name)
         params, size = sum(p.numel() for p in m.parameters()), tensor_bytes(m)
         records.append(LayerRecord(stage.name, name, stage.kind, params, size, size))
+
+
+def record_rotation(stage: Stage, records: list) -> Callable:
+    """``on_module`` of a rotate stage; refuses ``targets``/``ignore`` (the rotation is all or nothing)."""
+    if stage.targets != (nn.Linear,) or stage.ignore is not None:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"stage {stage.name!r} (rotate): 'targets' and 'ignore' do not apply (the residual stream "
+                          "is rotated in every module that reads or writes it, or not at all)")
+
+    def on_module(name: str, m: nn.Module) -> None:  # weights rotated in place: same bytes
+        size = tensor_bytes(m)
+        records.append(LayerRecord(stage.name, name, stage.kind, sum(p.numel() for p in m.parameters()), size, size))
+
+    return on_module
+
+
+def run_rotate(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    """Residual-stream rotation (issue #22): float function unchanged, every module's weights rotated."""
+    from ..quant.rotation import rotate_
+
+    rotate_(model, stage.config, on_module=record_rotation(stage, records))

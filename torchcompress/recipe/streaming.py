@@ -46,6 +46,10 @@ class _Plan:
     def __init__(self, stage: Stage, step: BlockStep, rest: Callable[[nn.Module], None] | None, records: list):
         self.stage, self.step, self.rest, self.records = stage, step, rest, records
         self.seconds = 0.0
+        # a stage that changes the residual stream (rotation): ``prepare(view)`` updates the embedding
+        # that captures block 0's inputs; ``unties``: the head gets its own tensor (tied models untied)
+        self.prepare: Callable[[nn.Module], None] | None = None
+        self.unties = False
         inner = step.apply
 
         def timed(ctx):
@@ -75,8 +79,18 @@ def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | N
     from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, WandaConfig
     from ..quant.gguf_config import GGUFConfig
 
+    from ..quant.rotation import RotateConfig
+
     cfg = stage.config
     ignore = DEFAULT_IGNORE if stage.ignore is None else stage.ignore
+    if isinstance(cfg, RotateConfig):  # data-free per block; embedding (before the capture), norm and head outside
+        from ..quant.rotation import rotation_plan
+        from .stage_runners import record_rotation
+
+        step, rest, prepare = rotation_plan(cfg, model, record_rotation(stage, records))
+        plan = _Plan(stage, step, rest, records)
+        plan.prepare, plan.unties = prepare, True
+        return plan
     if type(cfg) in (RTNConfig, QATConfig, HQQConfig):  # quantize_ verbs: each module from its own weights
         from .stage_runners import run_quantize as runner
 
@@ -139,11 +153,22 @@ def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | N
 def streamable(recipe: Recipe) -> str | None:
     """None when every stage of ``recipe`` runs on the block pipeline, else the reason it cannot."""
     try:
+        _check_rotation_first(recipe)
         for s in recipe.stages:
             _plan_stage(s, 1, [])
     except RecipeError as e:
         return str(e)
     return None
+
+
+def _check_rotation_first(recipe: Recipe) -> None:
+    """A rotation streams only as the first stage: its embedding feeds every later stage's capture."""
+    from ..quant.rotation import RotateConfig
+
+    for i, s in enumerate(recipe.stages):
+        if i and isinstance(s.config, RotateConfig):
+            raise RecipeError(f"stage {s.name!r} (rotate) must be the first stage to run on the block pipeline "
+                              "(the stages before it would see the unrotated stream)", recipe.source)
 
 
 def _fingerprint(ckpt: Checkpoint, recipe: Recipe, calib, dtype, extra: str) -> str:
@@ -208,7 +233,9 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
     ckpt = src if isinstance(src, Checkpoint) else Checkpoint.open(src)
     model = build_skeleton(ckpt, dtype)
     prefix, blocks = find_blocks(model)
+    _check_rotation_first(recipe)
     plans = [_plan_stage(s, len(blocks), [], model) for s in recipe.stages]
+    untie = any(p.unties for p in plans)
     steps = [p.step for p in plans]
     needs_forward = any(s.needs_forward for s in steps)
     if needs_forward and calib is None:
@@ -234,9 +261,12 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 p.seconds = writer.extra.get("seconds", {}).get(p.stage.name, 0.0)
             inputs = None
             if needs_forward:
-                for name in outside:
-                    if not name.endswith("lm_head"):
-                        materialize(model, name, ckpt, dtype, device)
+                captured = [name for name in outside if not name.endswith("lm_head")]
+                for name in captured:
+                    materialize(model, name, ckpt, dtype, device)
+                for p in plans:  # a rotation: block 0's inputs come from the rotated embedding
+                    if p.prepare is not None:
+                        p.prepare(modules_view(model, captured))
                 # on the host (or disk): one batch at a time goes to the device, so device memory is one block
                 # + its statistics + one batch, whatever the calibration set's size
                 inputs = capture_inputs(model, blocks, calib.batches(batch_size), device, offload_dir=offload_dir,
@@ -297,12 +327,13 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                     from ..targets import set_submodule
 
                     set_submodule(model, name, new)
-                if not (tied_copy and new is mod):
+                if not (tied_copy and new is mod) or untie:  # an untied head counts on its own
                     count("after", new)
                 state = _cpu_state(new, f"{name}.")
                 for key in list(state):  # a tied copy (lm_head = embed_tokens) is written once
                     src_key = tied_sources(model).get(key)
-                    if src_key is not None and src_key in writer.state["weight_map"] and key not in ckpt.tensors:
+                    if (src_key is not None and src_key in writer.state["weight_map"] and key not in ckpt.tensors
+                            and not untie):
                         tied[key] = src_key
                         del state[key]
                 writer.write_shard(len(blocks) + i, state, compressed_modules(new, f"{name}."))
@@ -317,6 +348,8 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 report.stages.append(rec)
                 if on_stage is not None:
                     on_stage(rec)
+            if untie and getattr(model.config, "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False  # the head was written as its own tensor
             manifest = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                         "modules": writer.state["manifest"], "tied": tied}
 
