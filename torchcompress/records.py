@@ -29,6 +29,7 @@ class LayerRecord:
     # GPTQ: trace((W - W_hat) H (W - W_hat)^T) with H = 2 X^T X / tokens, the layer's output error
     # on the calibration data (what GPTQ minimises)
     gptq_loss: float | None = None
+    note: str | None = None  # what a stage that changes no module's type did (AWQ: the scales chosen, or why skipped)
 
 
 @dataclass

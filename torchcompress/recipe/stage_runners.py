@@ -80,3 +80,19 @@ def run_smoothquant(model: nn.Module, stage: Stage, records: list, calib_data) -
         m = model.get_submodule(name)
         params, size = sum(p.numel() for p in m.parameters()), tensor_bytes(m)
         records.append(LayerRecord(stage.name, name, stage.kind, params, size, size))
+
+
+def record_awq(stage: Stage, records: list) -> Callable:
+    """``on_group`` for an AWQ stage: one record per group of linears (rescaled in place, same bytes;
+    a skipped group is recorded with the reason)."""
+    def on_group(r) -> None:
+        records.append(LayerRecord(stage.name, r.prev, stage.kind, r.params, r.bytes, r.bytes, note=r.describe()))
+
+    return on_group
+
+
+def run_awq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.awq import awq_model
+
+    awq_model(model, stage.config, calib_data, on_group=record_awq(stage, records),
+              offload_dir=getattr(calib_data, "offload_dir", None))
