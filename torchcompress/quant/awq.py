@@ -221,9 +221,9 @@ def _rel_change(ctx: BlockContext, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def awq_group(ctx: BlockContext, spec: GroupSpec, cfg: AWQConfig, ref: torch.Tensor | None = None) -> GroupResult:
-    """Search, fold and clip one group of ``ctx.block`` in place. ``ref``: the block's float output on
-    batch 0 before any fold; a fold that changes it beyond rounding is undone and the group skipped."""
+def awq_group(ctx: BlockContext, spec: GroupSpec, cfg: AWQConfig) -> GroupResult:
+    """Search, fold and clip one group of ``ctx.block`` in place. A fold that changes the block's output
+    on batch 0 beyond rounding is undone and the group skipped (the block is not wired as assumed)."""
     res = GroupResult(ctx.prefix + spec.prev, tuple(ctx.prefix + n for n in spec.linears))
     r = _resolve(ctx.block, spec)
     if isinstance(r, str):
@@ -271,23 +271,24 @@ def awq_group(ctx: BlockContext, spec: GroupSpec, cfg: AWQConfig, ref: torch.Ten
     best = int(torch.argmin(losses))  # the first of equal minima, as the peers' strict '<'
     res.alpha, res.loss_rtn, res.loss = grid[best], float(losses[0]) / count, float(losses[best]) / count
     s = _expand(awq_scales(x_mean, w_mean, grid[best]), view).to(orig[0].device)
+    ref = ctx.forward(0).float()  # after the earlier groups' folds and clips
     saved = [prev.weight.data.clone(), None if getattr(prev, "bias", None) is None else prev.bias.data.clone()]
     for m, w in zip(lins, orig):
         m.weight.data = scaled_weight(w, s)
     _out_div(prev, _kv_scales(s, view))
-    if ref is not None:  # the fold must leave the block's float output alone: else the wiring is not what we assumed
-        err = _rel_change(ctx, ref)
-        if err > _FOLD_TOL.get(orig[0].dtype, 1e-3):
-            for m, w in zip(lins, orig):
-                m.weight.data = w
-            prev.weight.data = saved[0]
-            if saved[1] is not None:
-                prev.bias.data = saved[1]
-            res.alpha = res.loss = None
-            res.skipped = (f"folding the scales into {spec.prev} changed the block's float output by {err:.2e} "
-                           "(relative): it does not feed these linears the way a Llama block does")
-            log.warning("AWQ %s skipped: %s", res.prev, res.skipped)
-            return res
+    # the fold must leave the block's float output alone: else the block is not wired as assumed
+    err = _rel_change(ctx, ref)
+    if err > _FOLD_TOL.get(orig[0].dtype, 1e-3):
+        for m, w in zip(lins, orig):
+            m.weight.data = w
+        prev.weight.data = saved[0]
+        if saved[1] is not None:
+            prev.bias.data = saved[1]
+        res.alpha = res.loss = None
+        res.skipped = (f"folding the scales into {spec.prev} changed the block's float output by {err:.2e} "
+                       "(relative): it does not feed these linears the way a Llama block does")
+        log.warning("AWQ %s skipped: %s", res.prev, res.skipped)
+        return res
     if cfg.clip:
         hs_ = (h.float() / (s[:, None] * s[None, :])).to(h.device)  # the inputs are x / s now
         for name, m in zip(spec.linears, lins):
@@ -307,8 +308,7 @@ def _kv_scales(s: torch.Tensor, view) -> torch.Tensor:
 def awq_block(ctx: BlockContext, cfg: AWQConfig, groups=LLAMA_GROUPS) -> list[GroupResult]:
     """AWQ on every group of ``ctx.block``, in execution order (each group's pass sees the earlier folds,
     which leave its float inputs unchanged)."""
-    ref = ctx.forward(0).float() if len(ctx.inputs) else None
-    return [awq_group(ctx, g, cfg, ref) for g in groups]
+    return [awq_group(ctx, g, cfg) for g in groups]
 
 
 def awq_step(cfg: AWQConfig, on_group: Callable[[GroupResult], None] | None = None) -> BlockStep:
