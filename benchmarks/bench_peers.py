@@ -19,7 +19,7 @@ Peers run only where installed (never dependencies of ours):
 AWQ rows (``--calib-samples`` > 0) calibrate on ``--calib`` (in-domain text, disjoint from ``--text``):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_peers.py --threads 1 --group-size 128 \
-        --calib '/usr/share/common-licenses/[ALM]*' --calib-samples 64 --only 'float,RTN,AWQ'
+        --calib '/usr/share/common-licenses/[ALM]*' --calib-samples 64 --only 'float,RTN W,AWQ'
 
 Every method quantizes the same Linears (all but lm_head) of a fresh copy of the float model; the
 wall time covers quantizing and packing all of them, in this process, one method after another.
@@ -110,7 +110,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
+    p.add_argument("--only", default="", help="comma-separated parts of method names to run (default: all); "
+                   "'float' picks the float row only")
     p.add_argument("--json", default=None, help="append one JSON line per method here")
     p.add_argument("--calib", default="/usr/share/common-licenses/[ALM]*", help="calibration text of the AWQ rows")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples (0: no AWQ rows)")
@@ -150,7 +151,7 @@ def main() -> None:
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     rows = []
     for name, fn in methods.items():
-        if only and not any(o in name for o in only):
+        if only and not any(o == name if name == "float" or o == "float" else o in name for o in only):
             continue
         model = copy.deepcopy(lm.model).eval()
         t0 = time.perf_counter()

@@ -196,7 +196,7 @@ def test_awq_beats_rtn_on_outlier_channels(outlier_llama):
     tc.quantize_(awq, RTNConfig(SCHEME), ignore=["lm_head"])
     e_rtn, e_awq = float(((_logits(rtn, ids) - ref) ** 2).mean()), float(((_logits(awq, ids) - ref) ** 2).mean())
     assert all(r.loss <= r.loss_rtn for r in res)  # s = 1 is on the grid
-    assert e_awq < 0.8 * e_rtn  # measured: AWQ + clip cuts the logit MSE by about 4x here
+    assert e_awq < 0.5 * e_rtn  # measured ratio 0.16 (0.25 without the clip search): margin for other BLAS
 
 
 def test_bad_config_is_refused():
