@@ -13,7 +13,8 @@ Peers run only where installed (never dependencies of ours):
 * ``llmcompressor`` (vLLM project): ``pip install --no-deps llmcompressor datasets pyarrow dill multiprocess xxhash
   pandas nvidia-ml-py`` (never its torch); ``oneshot`` with ``AWQModifier()`` (its defaults: 20-point grid with
   duo scaling, no clip search) then ``QuantizationModifier`` (int, asymmetric, groups of ``--group-size``, min-max),
-  the sequential pipeline, on the same calibration tokens. Its CPU path pins memory, which a CPU-only torch
+  the sequential pipeline, on the same calibration tokens. It refuses groups that do not divide a layer's
+  columns (SmolLM2's 576 at group 128): compare at ``--group-size 64`` there. Its CPU path pins memory, which a CPU-only torch
   refuses: pinning is made a no-op here (it only speeds host-to-GPU copies).
 
 AWQ rows (``--calib-samples`` > 0) calibrate on ``--calib`` (in-domain text, disjoint from ``--text``):
