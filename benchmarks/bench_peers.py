@@ -19,6 +19,18 @@ Peers run only where installed (never dependencies of ours):
 Calibrated rows (``autoround``, ``auto-round``) use ``--calib-samples`` x ``--calib-seq-len`` tokens of
 ``--calib-source`` (default pydoc: disjoint from the default evaluation text GPL-3).
 
+* ``llmcompressor`` (vLLM project): ``pip install --no-deps llmcompressor datasets pyarrow dill multiprocess xxhash
+  pandas nvidia-ml-py`` (never its torch); ``oneshot`` with ``AWQModifier()`` (its defaults: 20-point grid with
+  duo scaling, no clip search) then ``QuantizationModifier`` (int, asymmetric, groups of ``--group-size``, min-max),
+  the sequential pipeline, on the same calibration tokens. It refuses groups that do not divide a layer's
+  columns (SmolLM2's 576 at group 128): compare at ``--group-size 64`` there. Its CPU path pins memory, which a CPU-only torch
+  refuses: pinning is made a no-op here (it only speeds host-to-GPU copies).
+
+AWQ rows (``--calib-samples`` > 0) calibrate on ``--calib`` (in-domain text, disjoint from ``--text``):
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_peers.py --threads 1 --group-size 128 \
+        --calib '/usr/share/common-licenses/[ALM]*' --calib-samples 64 --only 'float,RTN W,AWQ'
+
 Every method quantizes the same Linears (all but lm_head) of a fresh copy of the float model; the
 wall time covers quantizing and packing all of them, in this process, one method after another.
 """
@@ -95,6 +107,43 @@ def _peer_autoround(tokenizer, calib, bits: int, group_size: int, sym: bool, ite
                            nsamples=len(data), seqlen=calib.input_ids.shape[1], dataset=data, seed=seed, amp=False,
                            device_map="cpu", enable_torch_compile=False)
             ar.quantize()
+
+
+def _ours_awq(bits: int, group_size: int, calib, clip: bool):
+    def run(model):
+        import torchcompress as tc
+        from torchcompress.config import QuantScheme, RTNConfig
+        from torchcompress.quant.awq import awq_model
+        from torchcompress.quant.awq_config import AWQConfig
+
+        scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=False)
+        awq_model(model, AWQConfig(scheme, clip=clip), calib)  # the w4-awq-g128 recipe's two stages
+        tc.quantize_(model, RTNConfig(scheme), ignore=["lm_head"])
+    return run
+
+
+def _peer_llmcompressor_awq(bits: int, group_size: int, calib, tokenizer):
+    def run(model):
+        import tempfile
+
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():  # pin_memory needs an accelerator; it only speeds host -> GPU copies
+            IntermediatesCache.pin_memory = lambda self, i: None
+        cfg_dir = tempfile.mkdtemp()  # oneshot reads the model's config from name_or_path
+        model.config.save_pretrained(cfg_dir)
+        model.config.name_or_path = cfg_dir
+        ds = Dataset.from_dict({"input_ids": calib.input_ids.tolist(), "attention_mask": calib.attention_mask.tolist()})
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=bits, type="int", strategy="group", group_size=group_size, symmetric=False))
+        recipe = [AWQModifier(), QuantizationModifier(config_groups={"w": scheme}, ignore=["lm_head"])]
+        oneshot(model=model, processor=tokenizer, dataset=ds, recipe=recipe, pipeline="sequential",
+                num_calibration_samples=calib.input_ids.shape[0], max_seq_length=calib.input_ids.shape[1])
     return run
 
 
@@ -121,6 +170,8 @@ def main() -> None:
     p.add_argument("--ar-iters", type=int, default=200, help="sign-gradient steps per block (ours and auto-round)")
     p.add_argument("--ar-batch", type=int, default=8, help="samples per step (ours and auto-round)")
     p.add_argument("--ar-sym", action="store_true", help="symmetric autoround rows (default asymmetric)")
+    p.add_argument("--calib", default="/usr/share/common-licenses/[ALM]*", help="calibration text of the AWQ rows")
+    p.add_argument("--calib-len", type=int, default=512, help="calibration sequence length of the AWQ rows")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -134,6 +185,21 @@ def main() -> None:
         f"ours HQQ W{b} g{g} (float zero)": _ours(HQQConfig(QuantScheme(bits=b, group_size=g, symmetric=False, float_zero=True))),
         f"ours HQQ W{b} g{g} (int zero)": _ours(HQQConfig(QuantScheme(bits=b, group_size=g, symmetric=False), optimize_scale=True)),
     }
+    calib = None
+    if a.calib_samples > 0:
+        from torchcompress.calibration import CalibrationConfig, build_calibration
+        from torchcompress.calibration.data import parse_sources
+
+        srcs, weights = parse_sources(a.calib)
+        calib = build_calibration(CalibrationConfig(sources=srcs, weights=weights, num_samples=a.calib_samples,
+                                                    seq_len=a.calib_len), lm.model, lm.tokenizer)
+        methods[f"ours AWQ W{b} g{g} + RTN"] = _ours_awq(b, g, calib, clip=True)
+        if importlib.util.find_spec("llmcompressor") is not None:
+            methods[f"llm-compressor {_version('llmcompressor')} AWQ W{b} g{g}"] = _peer_llmcompressor_awq(
+                b, g, calib, lm.tokenizer)
+        else:
+            print("# llmcompressor not installed (pip install --no-deps llmcompressor ...): its AWQ row is skipped")
+        methods[f"ours AWQ W{b} g{g} + RTN (no clip, as llm-compressor)"] = _ours_awq(b, g, calib, clip=False)
     if importlib.util.find_spec("hqq") is not None:
         methods[f"hqq {_version('hqq')} W{b} g{g}"] = _peer_hqq(b, g)
     else:
@@ -156,7 +222,8 @@ def main() -> None:
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     rows = []
     for name, fn in methods.items():
-        if only and not any(name.startswith(o) for o in only):
+        if only and not any(o == name if name == "float" or o == "float" else name.startswith(o) or o in name
+                            for o in only):
             continue
         model = copy.deepcopy(lm.model).eval()
         t0 = time.perf_counter()
@@ -170,11 +237,12 @@ def main() -> None:
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps({"method": name, "perplexity": ppl, "quantize_s": wall, "text": desc,
+                                    "calib": None if calib is None else f"{a.calib} {a.calib_samples} x {a.calib_len}",
                                     "windows": int(windows.ids.shape[0]), "seq_len": a.seq_len, "threads": a.threads}) + "\n")
         del model
     base = next((r[1] for r in rows if r[0] == "float"), None)
     print(f"\n{a.model}, {desc}, {windows.ids.shape[0]} x {a.seq_len} tokens, {a.threads} threads")
-    print(f"| method | perplexity | x float | quantize wall (s) |\n|---|---|---|---|")
+    print("| method | perplexity | x float | quantize wall (s) |\n|---|---|---|---|")
     for name, ppl, wall in rows:
         rel = f"{ppl / base:.3f}" if base else "-"
         print(f"| {name} | {ppl:.4f} | {rel} | {wall:.1f} |")

@@ -32,6 +32,7 @@ class LayerRecord:
     # GPTQ fell back to round-to-nearest: why (an expert too few calibration tokens reached, or a
     # Hessian that would not factor); None when GPTQ ran
     rtn_fallback: str | None = None
+    note: str | None = None  # what a stage that changes no module's type did (AWQ: the scales chosen, or why skipped)
 
 
 @dataclass

@@ -38,7 +38,7 @@ def _assert_same(a, b):
 
 
 @pytest.mark.parametrize("name", ["w4-rtn", "w4-gptq-g128", "wanda-50", "sparsegpt-2of4", "svd-mlp-50", "gguf-q4_k_m",
-                                  "w4-hqq-g64", "w4-rotate-gptq-g128"])
+                                  "w4-hqq-g64", "w4-rotate-gptq-g128", "w4-awq-g128"])
 def test_streamed_equals_in_memory(tiny, tmp_path, name):
     model, tok, calib, src = tiny
     recipe = load_recipe(name)

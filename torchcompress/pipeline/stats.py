@@ -6,14 +6,15 @@ float32 per-batch terms, and a token count; :meth:`Statistic.all_reduce` sums bo
 
 * ``hessian``: ``sum_t x_t x_t^T`` (K, K): GPTQ, SparseGPT, activation-aware SVD.
 * ``diag``: ``sum_t x_t^2`` (K,): Wanda's ``||X_j||^2``, llama.cpp's imatrix.
-* ``absmax``: ``max_t |x_t|`` (K,): SmoothQuant, AWQ.
+* ``absmax``: ``max_t |x_t|`` (K,): SmoothQuant.
+* ``absmean``: ``sum_t |x_t|`` (K,) (divide by ``tokens``): AWQ's activation statistic.
 """
 
 from __future__ import annotations
 
 import torch
 
-KINDS = ("hessian", "diag", "absmax")
+KINDS = ("hessian", "diag", "absmax", "absmean")
 
 
 def _dist():
@@ -38,6 +39,8 @@ class Statistic:
             self.sum += (xf.T @ xf).to(self.sum.device, torch.float64)  # float32 product, float64 running sum
         elif self.kind == "diag":
             self.sum += xf.square().sum(0).to(self.sum.device, torch.float64)
+        elif self.kind == "absmean":
+            self.sum += xf.abs().sum(0).to(self.sum.device, torch.float64)
         else:
             torch.maximum(self.sum, xf.abs().amax(0).to(self.sum.device, torch.float64), out=self.sum)
         self.tokens += x.shape[0]
@@ -60,3 +63,7 @@ class Statistic:
             self.sum.mul_(2.0 / max(float(self.tokens), 1.0))
             self._scaled = True
         return self.sum
+
+    def mean(self) -> torch.Tensor:
+        """``sum / tokens`` (float32): the mean over the real tokens (``absmean``: mean |x| per channel)."""
+        return (self.sum / max(float(self.tokens), 1.0)).float()

@@ -15,12 +15,13 @@ from ..lowrank.stages import run_lora_stage, run_svd_stage
 from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
 from ..prune.stages import run_prune_stage
 from ..quant.autoround_config import AutoRoundConfig
+from ..quant.awq_config import AWQConfig
 from ..quant.gguf_config import GGUFConfig
 from ..quant.rotation import RotateConfig
 from ..training.config import DistillConfig, QATTrainConfig
 from ..quant.scheme_config import SCHEME_STAGE_KINDS, FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config
-from .stage_runners import (run_autoround, run_distill, run_gguf, run_gptq, run_qat, run_quantize, run_rotate,
-                            run_scheme, run_smoothquant)
+from .stage_runners import (run_autoround, run_awq, run_distill, run_gguf, run_gptq, run_qat, run_quantize,
+                            run_rotate, run_scheme, run_smoothquant)
 
 STAGE_KINDS: dict[str, type] = {
     **CORE_KINDS,  # rtn, qat_prepare (and any kind a config module registers beside its class)
@@ -37,6 +38,7 @@ STAGE_KINDS: dict[str, type] = {
     "distill": DistillConfig,
     **SCHEME_STAGE_KINDS,  # fp8, w8a8_int8, smoothquant, fp4 (issue #21)
     "rotate": RotateConfig,  # residual-stream Hadamard rotation (issue #22)
+    "awq": AWQConfig,  # issue #22: scales + clip on float weights; a following rtn/gptq/gguf stage quantizes
 }
 
 RUNNERS: dict[type, Callable] = {
@@ -59,4 +61,5 @@ RUNNERS: dict[type, Callable] = {
     FP4Config: run_scheme,
     SmoothQuantConfig: run_smoothquant,
     RotateConfig: run_rotate,
+    AWQConfig: run_awq,
 }

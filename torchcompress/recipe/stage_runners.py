@@ -112,3 +112,19 @@ def run_rotate(model: nn.Module, stage: Stage, records: list, calib_data) -> Non
     from ..quant.rotation import rotate_
 
     rotate_(model, stage.config, on_module=record_rotation(stage, records))
+
+
+def record_awq(stage: Stage, records: list) -> Callable:
+    """``on_group`` for an AWQ stage: one record per group of linears (rescaled in place, same bytes;
+    a skipped group is recorded with the reason)."""
+    def on_group(r) -> None:
+        records.append(LayerRecord(stage.name, r.prev, stage.kind, r.params, r.bytes, r.bytes, note=r.describe()))
+
+    return on_group
+
+
+def run_awq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    from ..quant.awq import awq_model
+
+    awq_model(model, stage.config, calib_data, on_group=record_awq(stage, records),
+              offload_dir=getattr(calib_data, "offload_dir", None))

@@ -138,6 +138,13 @@ def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | N
             return {n[len(prefix):]: m for n, m in prunable(block_view(prefix, block), stage.targets, ignore).items()}
 
         return _Plan(stage, prune_step(cfg, select, on_module=prune_recorder(stage, records)), None, records)
+    from ..quant.awq_config import AWQConfig
+
+    if isinstance(cfg, AWQConfig):
+        from ..quant.awq import awq_step
+        from .stage_runners import record_awq
+
+        return _Plan(stage, awq_step(cfg, record_awq(stage, records)), None, records)
     from ..lowrank.config import SVDConfig
 
     if isinstance(cfg, SVDConfig) and cfg.allocation != "global":
