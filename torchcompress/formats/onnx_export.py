@@ -36,7 +36,7 @@ from .onnx_plan import NBitsLayer, plan_layers, write_float_source
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 SUMMARY_FILE = "torchcompress_onnx.json"
-_BUILDER_OPTIONS = ["disable_qkv_fusion=true"]  # one MatMul per Linear: q/k/v may differ in scheme
+_BUILDER_OPTIONS = ["fuse_qkv=false"]  # one MatMul per Linear: q/k/v may differ in scheme
 
 
 @dataclass

@@ -125,6 +125,8 @@ def write_float_source(model: nn.Module, tokenizer, directory: Path, nbits: dict
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = "float32"
+    if not cfg.get("architectures"):  # a model built from a config (not loaded) has none; the builder keys on it
+        cfg["architectures"] = [type(model).__name__]
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if cfg.get("tie_word_embeddings") and out_emb is not None and isinstance(out_emb, QuantLinear):
         cfg["tie_word_embeddings"] = False  # a quantized head is its own tensor now
