@@ -226,8 +226,8 @@ def test_nvfp4_and_gguf_layers_are_refused():
     from torchcompress.quant.scheme_config import FP4Config
 
     fp4 = FP4Linear.from_linear(nn.Linear(64, 32), FP4Config("nvfp4", activations=False))
-    with pytest.raises(UnsupportedLayerError, match=r"^block\.proj: .*FP4Linear"):
+    with pytest.raises(UnsupportedLayerError, match=r"^block\.proj: .*FP4Linear \(NVFP4\)"):
         plan_layers(_model_with(fp4))
     gg = GGUFLinear.from_linear(nn.Linear(256, 32), GGMLType.Q4_K)
-    with pytest.raises(UnsupportedLayerError, match=r"^block\.proj: .*GGUFLinear .*Q4_K"):
+    with pytest.raises(UnsupportedLayerError, match=r"^block\.proj: .*GGUFLinear \(GGUF Q4_K blocks\)"):
         plan_layers(_model_with(gg))

@@ -84,16 +84,19 @@ def plan_layers(model: nn.Module) -> tuple[dict[str, NBitsLayer], dict[str, torc
         elif isinstance(m, PrunedLinear):
             dense[name] = m.make_permanent().weight.detach().float()
         elif isinstance(m, refused):  # GGUF blocks, FP8 / NVFP4 / MXFP4 / W8A8, low-rank, LoRA
-            raise UnsupportedLayerError(name, FORMAT, f"{type(m).__name__} ({_kind_reason(m)}) has no MatMulNBits form")
+            raise UnsupportedLayerError(name, FORMAT, f"{type(m).__name__} ({_kind_reason(m)}) is not integer "
+                                        "weight-only codes with affine groups, which is all MatMulNBits holds")
     return nbits, dense
 
 
 def _kind_reason(m: nn.Module) -> str:
-    for attr in ("qtype", "config"):
-        v = getattr(m, attr, None)
-        if v is not None:
-            return f"{attr} {getattr(v, 'name', v)}"
-    return "not an integer weight-only layer"
+    qtype = getattr(m, "qtype", None)  # GGUF blocks
+    if qtype is not None:
+        return f"GGUF {getattr(qtype, 'name', qtype)} blocks"
+    cfg = getattr(m, "config", None)  # FP8 / FP4 / W8A8 schemes
+    if cfg is not None:
+        return str(getattr(cfg, "format", type(cfg).__name__)).upper().replace("CONFIG", "")
+    return "low-rank or adapter layer"
 
 
 def _dense_state_dict(model: nn.Module, nbits: dict, dense: dict) -> dict[str, torch.Tensor]:
