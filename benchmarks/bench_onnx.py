@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.formats.onnx_run import _empty_past  # noqa: E402  (the same feeds the tests use)
+from tests.formats.onnx_run import empty_past  # noqa: E402  (the same feeds the tests use)
 
 PROMPT = "Write a short paragraph about why the sky is blue, for a curious ten-year-old."
 
@@ -54,7 +54,7 @@ def decode_torch(model, ids, n):
 
 def decode_ort(sess, config, ids, n):
     names = [o.name for o in sess.get_outputs()]
-    cur, total, past = ids.numpy().astype(np.int64), ids.shape[1], _empty_past(config, 1)
+    cur, total, past = ids.numpy().astype(np.int64), ids.shape[1], empty_past(config, 1)
     t0 = None
     for step in range(n + 1):  # step 0 is the prefill, not timed
         if step == 1:

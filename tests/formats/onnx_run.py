@@ -18,7 +18,7 @@ def session(folder: Path, threads: int | None = None):
     return ort.InferenceSession(str(Path(folder) / "model.onnx"), so, providers=["CPUExecutionProvider"])
 
 
-def _empty_past(config, batch: int) -> dict:
+def empty_past(config, batch: int) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = (batch, config.num_key_value_heads, 0, head_dim)
     return {f"past_key_values.{i}.{kv}": np.zeros(shape, np.float32)
@@ -28,14 +28,14 @@ def _empty_past(config, batch: int) -> dict:
 def ort_logits(sess, config, ids: torch.Tensor) -> np.ndarray:
     """(1, S) token ids -> (1, S, V) logits of one prefill with an empty cache."""
     feeds = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": np.ones(ids.shape, np.int64),
-             **_empty_past(config, ids.shape[0])}
+             **empty_past(config, ids.shape[0])}
     return sess.run(["logits"], feeds)[0]
 
 
 def ort_greedy(sess, config, ids: torch.Tensor, steps: int) -> list[int]:
     """Greedy tokens: one prefill, then ``steps - 1`` single-token decode steps feeding present -> past."""
     names = [o.name for o in sess.get_outputs()]
-    past = _empty_past(config, 1)
+    past = empty_past(config, 1)
     cur = ids.numpy().astype(np.int64)
     total = cur.shape[1]
     out = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def _require_onnx():
 def _run_builder(src: Path, out: Path, cache: Path) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
            "-p", "fp32", "-e", "cpu", "-c", str(cache), "--extra_options", *_BUILDER_OPTIONS]
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the builder reads the local copy only
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (out / MODEL_FILE).is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
