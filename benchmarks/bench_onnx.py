@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.formats.onnx_run import empty_past  # noqa: E402  (the same feeds the tests use)
+from tests.formats.test_onnx_smollm2 import PROMPTS  # noqa: E402
 
 PROMPT = "Write a short paragraph about why the sky is blue, for a curious ten-year-old."
 
@@ -141,6 +142,15 @@ def main() -> None:
                             tokenizer_from=default_gguf_path())
                 llm = Llama(str(gguf), n_threads=args.threads, n_ctx=512, logits_all=True, verbose=False)
                 engines["llama.cpp"] = lambda: decode_llama_cpp(llm, ids, args.new_tokens)
+            rel = 0.0  # agreement first: onnxruntime's logits vs ours on the tests' 8 prompts
+            for p in PROMPTS:
+                pids = lm.tokenizer(p, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    want = model(pids).logits.numpy()
+                got = sess.run(["logits"], {"input_ids": pids.numpy(), "attention_mask": np.ones(pids.shape, np.int64),
+                                            **empty_past(model.config, 1)})[0]
+                rel = max(rel, float(np.abs(got - want).max() / np.abs(want).max()))
+            print(f"W{bits} g32 sym: onnxruntime vs torchcompress logits, 8 prompts: max |diff| / max |logit| = {rel:.2e}")
             for fn in engines.values():  # warm-up: kernels, prepacking, allocator
                 fn()
             rates = {k: [] for k in engines}

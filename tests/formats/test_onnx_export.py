@@ -197,6 +197,36 @@ def test_onnxruntime_genai_generates_from_the_folder(exported):
     assert genai_greedy(out, ids, 20) == torch_greedy(model, ids, 20)
 
 
+@pytest.mark.slow
+def test_quantized_head_and_pruned_layer(tmp_path):
+    """lm_head quantized too (the tied config is untied in the float source) and a pruned Linear kept
+    float with its mask applied: logits still equal ours."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny import make_tokenizer, tiny_config
+    from torchcompress.api import quantize_
+    from torchcompress.formats.onnx_export import export_onnx
+    from torchcompress.nn.pruned_linear import PrunedLinear
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok), hidden_size=128, intermediate_size=192)).eval()
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = PrunedLinear.from_linear(mlp.down_proj, torch.rand(128, 192) > 0.5)
+    quantize_(model, QuantScheme(bits=4, group_size=32, symmetric=False), ignore=["re:.*down_proj"])
+    assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings
+    res = export_onnx(model, tok, tmp_path / "onnx")
+    assert "lm_head" in res.nbits_layers and res.float_layers == 2  # the two down_proj
+    sess = session(tmp_path / "onnx")
+    ids = tok(PROMPTS[7], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = ort_logits(sess, model.config, ids)
+    # same measured bound as the models above (<= 5.4e-7); an unmasked pruned weight or the tied float
+    # head in place of the quantized one gives > 1e-2
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
