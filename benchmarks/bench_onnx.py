@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -43,12 +44,13 @@ PROMPT = "Write a short paragraph about why the sky is blue, for a curious ten-y
 def decode_torch(model, ids, n):
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    cache = DynamicCache()  # filled in place by each forward
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers >= 5.2x renamed it
+    out = model(ids, use_cache=True, **{kw: cache})
     tok = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(n):
-        out = model(tok, past_key_values=out.past_key_values, use_cache=True)
+        out = model(tok, use_cache=True, **{kw: cache})
         tok = out.logits[:, -1:].argmax(-1)
     return n / (time.perf_counter() - t0)
 

@@ -52,19 +52,36 @@ def ort_greedy(sess, config, ids: torch.Tensor, steps: int) -> list[int]:
 
 @torch.no_grad()
 def torch_greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
-    """Our model's greedy tokens with its own KV cache (transformers generate, no sampling)."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, num_beams=1, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    """Our model's greedy tokens (plain argmax, EOS included, as :func:`ort_greedy`) with its own KV cache."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # filled in place by each forward
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cur, out = ids, []
+    for _ in range(steps):
+        tok = int(model(cur, use_cache=True, **{kw: cache}).logits[0, -1].argmax())
+        out.append(tok)
+        cur = torch.tensor([[tok]])
+    return out
+
+
+def check_genai(got: list[int], want: list[int], eos) -> None:
+    """onnxruntime-genai stops at EOS: its tokens are ours up to and including the first EOS."""
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    stop = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))
+    assert got == want[:stop], (got, want)
 
 
 def genai_greedy(folder: Path, ids: torch.Tensor, steps: int) -> list[int]:
-    """Greedy tokens from onnxruntime-genai loading the exported folder (its own config and cache)."""
+    """Greedy tokens from onnxruntime-genai loading the exported folder (its own config and cache);
+    it stops at an EOS token of genai_config.json."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=ids.shape[1] + steps, min_length=ids.shape[1] + steps)
+    params.set_search_options(do_sample=False, max_length=ids.shape[1] + steps)
     gen = og.Generator(model, params)
     gen.append_tokens(ids[0].tolist())
     out = []

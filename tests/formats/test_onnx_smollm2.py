@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 
 from torchcompress.config import QuantScheme  # noqa: E402
 
-from .onnx_run import genai_greedy, ort_greedy, ort_logits, session, torch_greedy  # noqa: E402
+from .onnx_run import check_genai, genai_greedy, ort_greedy, ort_logits, session, torch_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.hf]
 
@@ -55,10 +55,11 @@ def test_smollm2_onnx_matches_our_model(tmp_path, case):
             want = lm.model(ids).logits.numpy()
         rel.append(float(np.abs(got - want).max() / np.abs(want).max()))
     print(f"{case}: max |logit diff| / max |logit| over 8 prompts: {max(rel):.2e}")
-    assert max(rel) <= 1e-3, rel  # the acceptance bound; measured values are in the test's printout / README
+    # the acceptance bound; measured 3.58e-06 (w4-g128-sym), 9.31e-05 (w4-g32-asym), 2.41e-06 (w8-g64-asym)
+    assert max(rel) <= 1e-3, rel
     for p in PROMPTS[:2]:
         ids = lm.tokenizer(p, return_tensors="pt").input_ids
         want = torch_greedy(lm.model, ids, 20)
         assert ort_greedy(sess, lm.model.config, ids, 20) == want
         pytest.importorskip("onnxruntime_genai")
-        assert genai_greedy(out, ids, 20) == want
+        check_genai(genai_greedy(out, ids, 20), want, lm.model.config.eos_token_id)
