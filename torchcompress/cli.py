@@ -523,7 +523,30 @@ def _export_gguf_blocks(args, lm) -> int:
     return 0
 
 
+def _export_onnx(args) -> int:
+    """onnxruntime / onnxruntime-genai: a KV-cache decoder, quantized Linears as MatMulNBits."""
+    from .formats.onnx_export import export_onnx
+    from .models import load_model
+
+    if str(args.out).endswith((".gguf", ".onnx")):
+        raise InputError(f"--out {args.out}: --format onnx writes a directory (model.onnx, genai_config.json, tokenizer)")
+    _check_outputs(args, "--out", dirs=("--out",))
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    _say(f"loaded {lm.description} in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    res = export_onnx(lm.model, lm.tokenizer, args.out)
+    from collections import Counter
+
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(res.nbits_layers.values()).items())) or "none"
+    print(f"wrote {res.path} (onnx, {res.bytes / 2**20:.1f} MiB; MatMulNBits: {kinds}; {res.float_layers} float "
+          f"MatMul) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def cmd_export(args) -> int:
+    if args.format == "onnx":
+        return _export_onnx(args)
     if args.format != "gguf":
         return _export_quantized(args)
     from .formats.gguf_mix import parse_file_type
@@ -647,10 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_info)
 
     x = sub.add_parser("export", help="write a model in another tool's format (.gguf for llama.cpp; GPTQ or "
-                       "compressed-tensors directories for vLLM / transformers / GPTQModel)")
+                       "compressed-tensors directories for vLLM / transformers / GPTQModel; onnx directories for "
+                       "onnxruntime-genai)")
     x.add_argument("--model", required=True, help="'default', a model directory or a .gguf file (float weights) for "
                    "gguf; a `compress` output with quantized layers for gptq / compressed-tensors")
-    x.add_argument("--format", required=True, choices=["gguf", "gptq", "compressed-tensors", "sparse-24-bitmask"])
+    x.add_argument("--format", required=True, choices=["gguf", "gptq", "compressed-tensors", "onnx", "sparse-24-bitmask"])
     x.add_argument("--qtype", default="Q4_K_M", help="llama.cpp file type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, "
                    "Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, F16, F32")
     x.add_argument("--out", required=True, help="output .gguf file, or directory for gptq / compressed-tensors "

@@ -56,3 +56,13 @@ class WriteError(InputError):
     def __init__(self, path: str, message: str):
         self.path = str(path)
         super().__init__(f"{path}: {message}")
+
+
+class UnsupportedLayerError(InputError):
+    """A layer's compression scheme has no representation in the requested output format (e.g. NVFP4
+    or 3-bit groups in ONNX ``MatMulNBits``). ``layer`` names it, ``reason`` says why."""
+
+    def __init__(self, layer: str, fmt: str, reason: str):
+        self.layer = layer
+        self.reason = reason
+        super().__init__(f"{layer}: cannot be written as {fmt}: {reason}")
