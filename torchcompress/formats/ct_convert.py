@@ -27,6 +27,7 @@ from ..primitives.packing import pack, packed_len, unpack
 
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
+GPTQ_KEY = "torchcompress_gptq"  # extra quantization_config key (compressed-tensors ignores extra keys)
 _SCHEME_TYPES = ("FP8Linear", "Int8Linear", "FP4Linear")
 
 
@@ -108,6 +109,7 @@ class CTGroups:
 
     def __init__(self, groups: dict | None = None):
         self.groups: dict[str, dict] = dict(groups or {})
+        self.gptq: dict[str, dict] = {}  # module -> how GPTQ produced it (our export metadata; others ignore it)
 
     def add(self, name: str, group: dict) -> None:
         key = json.dumps(group, sort_keys=True)
@@ -119,7 +121,8 @@ class CTGroups:
                 "format": formats.pop() if len(formats) == 1 else "mixed-precision",
                 "quantization_status": "compressed",
                 "config_groups": {f"group_{i}": g for i, g in enumerate(self.groups.values())},
-                "ignore": sorted(ignore), "kv_cache_scheme": None, "global_compression_ratio": None}
+                "ignore": sorted(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,
+                **({GPTQ_KEY: dict(sorted(self.gptq.items()))} if self.gptq else {})}
 
 
 def state_to_ct(sd: dict[str, torch.Tensor], modules: dict[str, dict], groups: CTGroups) -> dict[str, torch.Tensor]:
@@ -144,6 +147,8 @@ def state_to_ct(sd: dict[str, torch.Tensor], modules: dict[str, dict], groups: C
         sub = {k[len(mod) + 1:]: v for k, v in sd.items() if owner[k] == mod}
         group, tensors = module_to_ct(mod, modules[mod], sub)
         groups.add(mod, group)
+        if isinstance(modules[mod].get("gptq"), dict):
+            groups.gptq[mod] = modules[mod]["gptq"]
         out.update(tensors)
     return out
 
@@ -248,6 +253,9 @@ class CTCheckpoint:
                 raise FormatError(where, f"config group {gname!r} is not a mapping")
             for name in _targets(group, candidates, ignore, where):
                 modules[name] = _scheme_entry(name, group, raw, where)
+        for name, info in (q.get(GPTQ_KEY) or {}).items():
+            if name in modules and modules[name]["type"] == "QuantLinear" and isinstance(info, dict):
+                modules[name]["gptq"] = dict(info)
         self.tensors: dict = {}
         self._how: dict[str, tuple] = {}
         taken = set()
