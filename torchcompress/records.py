@@ -29,6 +29,7 @@ class LayerRecord:
     # GPTQ: trace((W - W_hat) H (W - W_hat)^T) with H = 2 X^T X / tokens, the layer's output error
     # on the calibration data (what GPTQ minimises)
     gptq_loss: float | None = None
+    choice: str | None = None  # the budget search's pick for this layer ("W4 g64", "Q4_K")
 
 
 @dataclass

@@ -14,10 +14,11 @@ from ..lowrank.config import LoRAConfig, SVDConfig
 from ..lowrank.stages import run_lora_stage, run_svd_stage
 from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPruneConfig, WandaConfig
 from ..prune.stages import run_prune_stage
+from ..quant.budget_config import BudgetConfig
 from ..quant.gguf_config import GGUFConfig
 from ..training.config import DistillConfig, QATTrainConfig
 from ..quant.scheme_config import SCHEME_STAGE_KINDS, FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config
-from .stage_runners import run_distill, run_gguf, run_gptq, run_qat, run_quantize, run_scheme, run_smoothquant
+from .stage_runners import run_budget, run_distill, run_gguf, run_gptq, run_qat, run_quantize, run_scheme, run_smoothquant
 
 STAGE_KINDS: dict[str, type] = {
     **CORE_KINDS,  # rtn, qat_prepare (and any kind a config module registers beside its class)
@@ -31,6 +32,7 @@ STAGE_KINDS: dict[str, type] = {
     "svd": SVDConfig,
     "qat": QATTrainConfig,
     "distill": DistillConfig,
+    "budget": BudgetConfig,  # mixed precision under a size budget (issue #22 item 5)
     **SCHEME_STAGE_KINDS,  # fp8, w8a8_int8, smoothquant, fp4 (issue #21)
 }
 
@@ -52,4 +54,5 @@ RUNNERS: dict[type, Callable] = {
     W8A8Int8Config: run_scheme,
     FP4Config: run_scheme,
     SmoothQuantConfig: run_smoothquant,
+    BudgetConfig: run_budget,
 }
