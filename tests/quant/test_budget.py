@@ -107,13 +107,14 @@ def _saved_layer_bytes(out, names):
     return total
 
 
-@pytest.mark.parametrize("method,target", [("rtn", 4.5), ("gptq", 3.5), ("gguf", 5.0)])
-def test_budget_respected_by_saved_output(tiny, tmp_path, method, target):
+@pytest.mark.parametrize("method,target,hessian", [("rtn", 4.5, "diag"), ("gptq", 3.5, "diag"), ("gguf", 5.0, "diag"),
+                                                   ("rtn", 4.0, "full")])
+def test_budget_respected_by_saved_output(tiny, tmp_path, method, target, hessian):
     from torchcompress.formats.checkpoint import save_compressed
 
     model, tok, calib = tiny
     m = copy.deepcopy(model)
-    cfg = BudgetConfig(target_bpw=target, method=method, cache_dir=str(tmp_path / "cache"))
+    cfg = BudgetConfig(target_bpw=target, method=method, cache_dir=str(tmp_path / "cache"), hessian=hessian)
     plan = budget_model(m, cfg, calib)
     save_compressed(m, tmp_path / "out")
     params = sum(model.get_submodule(n).weight.numel() for n in plan.choice)
