@@ -95,7 +95,7 @@ def main() -> None:
                 b, g = map(int, s.split(":"))
                 rows[f"{name} uniform W{b} g{g}"] = fn(b, g)
     for method in methods:
-        for t in map(float, a.targets.split(",")):
+        for t in map(float, filter(None, a.targets.split(","))):
             rows[f"{method} budget {t:g} bpw"] = mixed(method, t)
     only = [s for s in a.only.split(",") if s]
     results = []

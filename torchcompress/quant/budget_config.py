@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import _SCALE_DTYPES, check_int
+from ..config import QuantScheme, check_int
 from ..errors import ConfigError
 
 METHODS = ("rtn", "gptq", "gguf")
@@ -107,8 +107,7 @@ class BudgetConfig:
         for name in ("symmetric", "imatrix", "act_order", "static_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
-        if self.scale_dtype not in _SCALE_DTYPES:
-            raise ConfigError("scale_dtype", f"must be one of {', '.join(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        QuantScheme(scale_dtype=self.scale_dtype)  # the scheme's own check (float16, bfloat16, float32)
         if self.hessian not in ("diag", "full"):
             raise ConfigError("hessian", f"must be diag or full, got {self.hessian!r}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp <= 10:
