@@ -15,6 +15,11 @@ from torchcompress.quant.budget import (BudgetError, Option, budget_model, optio
 from torchcompress.quant.budget_config import BudgetConfig, parse_size
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):  # the default cache (~/.cache) is never written by tests
+    monkeypatch.setenv("TORCHCOMPRESS_CACHE_DIR", str(tmp_path / "default-cache"))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from tests.tiny import calibrated_tiny_llama
