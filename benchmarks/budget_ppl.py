@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--rtn-uniform", default="3:128,3:64,3:32,4:128,4:64,4:32", help="bits:group of the RTN baselines")
     p.add_argument("--gptq-uniform", default="3:64,4:128,4:64", help="bits:group of the GPTQ baselines")
     p.add_argument("--hessian", default="diag", choices=["diag", "full"])
+    p.add_argument("--raw-proxy", action="store_true", help="sum raw layer output errors (BudgetConfig(relative=False)) "
+                   "instead of each divided by the layer's output energy")
     p.add_argument("--only", default="", help="run only the rows whose name contains one of these (comma-separated)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/budget_ppl.jsonl")
@@ -84,7 +86,7 @@ def main() -> None:
 
     def mixed(method, target):
         cfg = BudgetConfig(target_bpw=target, method=method, hessian=a.hessian, symmetric=False, act_order=True,
-                           static_groups=True)
+                           static_groups=True, relative=not a.raw_proxy)
         return lambda m: budget_model(m, cfg, calib, ignore=["lm_head"])
 
     rows = {"float": None}
@@ -113,7 +115,7 @@ def main() -> None:
         ppl = evaluate(m, windows).perplexity
         r = {"method": name, "bpw": bpw, "perplexity": ppl, "quantize_s": wall, "eval": desc,
              "windows": int(windows.ids.shape[0]), "seq_len": a.seq_len, "calib": a.calib, "samples": a.samples,
-             "hessian": a.hessian, "threads": a.threads}
+             "hessian": a.hessian, "relative": not a.raw_proxy, "threads": a.threads}
         results.append(r)
         print(f"{name:<28} bpw {bpw:6.3f}  ppl {ppl:8.4f}  quantize {wall:7.1f} s", flush=True)
         with open(a.out, "a") as f:

@@ -217,3 +217,24 @@ def test_larger_budget_lower_predicted_loss(tiny, tmp_path):
                            calib).predicted_loss for t in (3.0, 4.0, 5.0, 6.0)]
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
     assert math.isfinite(losses[0])
+
+
+def test_relative_losses_ignore_the_scale_of_a_layers_activations():
+    """``relative``: each layer's error over its output energy tr(W H W^T), so a layer whose inputs are
+    1000x larger (errors and energy both 1e6x) gets the same plan; the raw sum moves bits to it."""
+    from torchcompress.quant.budget import BudgetPlanner
+
+    cfg = BudgetConfig(target_bpw=3.4, method="rtn", bits=[2, 3, 4, 5], group_sizes=[128])
+    shapes = {"a": (64, 256), "b": (64, 256), "c": (64, 256)}
+    base = {n: [16.0 ** -i * (1 + 0.1 * j) for i in range(4)] for j, n in enumerate(shapes)}
+
+    def plan(scale_b, relative):
+        c = BudgetConfig(**{**cfg.__dict__, "relative": relative})
+        p = BudgetPlanner(c, shapes, float_bytes=3 * 64 * 256 * 4, fixed_bytes=0)
+        p.losses = {n: [v * (scale_b if n == "b" else 1) for v in ls] for n, ls in base.items()}
+        p.energy = {n: 10.0 * (scale_b if n == "b" else 1) for n in shapes}
+        return {n: o.label for n, o in p.solve().choice.items()}
+
+    assert plan(1e6, True) == plan(1.0, True)
+    assert plan(1e6, False) != plan(1.0, False)
+    assert plan(1e6, False)["b"] == "W5 g128"

@@ -39,7 +39,7 @@ from ..primitives.packing import packed_len
 from .budget_config import BudgetConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "budget-sensitivity-v1"
+CACHE_VERSION = "budget-sensitivity-v2"
 
 
 class BudgetError(ConfigError):
@@ -142,6 +142,7 @@ class BudgetPlanner:
         self.costs = {n: [option_bytes(cfg, o, *self.shapes[n]) for o in opts] for n, opts in self.options.items()}
         self.params = sum(a * b for a, b in self.shapes.values())
         self.losses: dict[str, list[float]] = {}
+        self.energy: dict[str, float] = {}  # tr(W H W^T): the layer's output energy on the calibration data
         self.importance: dict[str, torch.Tensor] = {}
         self.choice: dict[str, Option] = {}
         self.budget = self._budget(float_bytes, fixed_bytes, header_bytes)
@@ -192,6 +193,7 @@ class BudgetPlanner:
                     w = linears[n].weight.detach().float()
                     self.losses[full] = layer_losses(w, h.to(w.device), self.options[full], cfg,
                                                      None if imp is None else imp.to(w.device))
+                    self.energy[full] = output_error(w, torch.zeros_like(w), h.to(w.device))
                     if imp is not None:
                         self.importance[full] = imp
 
@@ -228,7 +230,10 @@ class BudgetPlanner:
             return False
         if any(f"{n}.losses" not in t or t[f"{n}.losses"].numel() != len(o) for n, o in self.options.items()):
             return False
+        if any(f"{n}.energy" not in t for n in self.options):
+            return False
         self.losses = {n: t[f"{n}.losses"].tolist() for n in self.options}
+        self.energy = {n: float(t[f"{n}.energy"]) for n in self.options}
         self.importance = {n: t[f"{n}.importance"] for n in self.options if f"{n}.importance" in t}
         log.info("sensitivity from cache %s", path)
         return True
@@ -241,6 +246,7 @@ class BudgetPlanner:
 
         tensors = {f"{n}.losses": torch.tensor(v, dtype=torch.float64) for n, v in self.losses.items()}
         tensors.update({f"{n}.importance": v.float().clone() for n, v in self.importance.items()})
+        tensors.update({f"{n}.energy": torch.tensor(v, dtype=torch.float64) for n, v in self.energy.items()})
         path = self.cache_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +261,10 @@ class BudgetPlanner:
         missing = [n for n in names if n not in self.losses]
         if missing:
             raise ConfigError("calib_data", f"{missing[0]}: no calibration token reached this layer")
-        res = solve_mckp([self.costs[n] for n in names], [self.losses[n] for n in names], self.budget)
+        losses = [self.losses[n] for n in names]
+        if self.cfg.relative:  # noise-to-signal at each layer's output: comparable across depths
+            losses = [[v / max(self.energy[n], 1e-30) for v in ls] for n, ls in zip(names, losses)]
+        res = solve_mckp([self.costs[n] for n in names], losses, self.budget)
         self.choice = {n: self.options[n][j] for n, j in zip(names, res.choice)}
         return BudgetPlan(self.cfg.describe_target(), self.budget, dict(self.choice), res.cost, self.params,
                           res.loss, res.exact)

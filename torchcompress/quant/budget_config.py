@@ -60,7 +60,10 @@ class BudgetConfig:
     """Each targeted Linear gets the candidate (``bits`` x ``group_sizes`` for ``rtn``/``gptq``,
     ``gguf_types`` for ``gguf``) that an exact knapsack picks to minimise the summed predicted output
     error ``tr((W - Q) H (W - Q)^T)`` (``hessian``: ``diag`` or ``full`` H = 2 X^T X / T from the
-    calibration data) within the budget: ``target_bpw`` (bits of codes + scales + zeros per weight of
+    calibration data), divided by the layer's output energy ``tr(W H W^T)`` when ``relative`` (the
+    default: a raw sum favours 2 bits in early blocks, whose small activations hide how far their
+    error travels; on SmolLM2 at 3.5 bpw the raw sum measured perplexity 397 against 123 for uniform
+    W3 g128), within the budget: ``target_bpw`` (bits of codes + scales + zeros per weight of
     the targeted Linears) or ``target_size`` (bytes of the saved weights file, every tensor counted).
     ``cache_dir``: where the per-layer error tables are kept (default ``$TORCHCOMPRESS_CACHE_DIR`` or
     ``~/.cache/torchcompress/sensitivity``), keyed by the model's weights and the calibration tokens.
@@ -78,6 +81,7 @@ class BudgetConfig:
     gguf_types: tuple = GGUF_TYPES
     imatrix: bool = True
     hessian: str = "diag"
+    relative: bool = True
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
@@ -104,7 +108,7 @@ class BudgetConfig:
                 raise ConfigError("group_sizes", f"must be positive integers, got {g!r}")
         object.__setattr__(self, "group_sizes", _tuple_of("group_sizes", gs, tuple(sorted(set(gs)))))
         object.__setattr__(self, "gguf_types", _tuple_of("gguf_types", self.gguf_types, GGUF_TYPES))
-        for name in ("symmetric", "imatrix", "act_order", "static_groups"):
+        for name in ("symmetric", "imatrix", "act_order", "static_groups", "relative"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         QuantScheme(scale_dtype=self.scale_dtype)  # the scheme's own check (float16, bfloat16, float32)
