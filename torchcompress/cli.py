@@ -159,6 +159,10 @@ def cmd_compress(args) -> int:
     from .recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe)  # bad recipes fail before the model loads
+    if args.target_bpw is not None or args.target_size is not None:  # mixed precision under a size budget
+        from .recipe.budget_flags import with_budget
+
+        recipe = with_budget(recipe, args.target_bpw, args.target_size)
     calib_cfg = _calib_config(args, recipe)  # bad --calib specs fail before the model loads
     _check_outputs(args, "--out", "--json", "--report", "--offload-dir", dirs=("--out", "--report", "--offload-dir"))
     from .pipeline.skeleton import resolve_device
@@ -653,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "a killed GPTQ run continues from OUT.state after its last finished block (refused if they differ)")
     c.add_argument("--offload-dir", help="keep calibration activations on disk here between decoder blocks instead "
                    "of in memory (layer-by-layer stages; for long calibration sets on big models)")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--target-bpw", type=float, help="mixed precision: the bits per weight (codes + scales + "
+                        "zeros) of the quantized Linears; each layer's width/group (or GGUF type) is chosen by an exact "
+                        "knapsack over its measured output error (turns the recipe's rtn/gptq/gguf stage into a budget stage)")
+    budget.add_argument("--target-size", help="mixed precision: the weights file's size (80MB, 75MiB, 1.5GB or bytes)")
     _device_flags(c)
     c.set_defaults(fn=cmd_compress)
 

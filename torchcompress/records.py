@@ -33,6 +33,7 @@ class LayerRecord:
     # Hessian that would not factor); None when GPTQ ran
     rtn_fallback: str | None = None
     note: str | None = None  # what a stage that changes no module's type did (AWQ: the scales chosen, or why skipped)
+    choice: str | None = None  # the budget search's pick for this layer ("W4 g64", "Q4_K")
 
 
 @dataclass

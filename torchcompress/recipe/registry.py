@@ -16,12 +16,13 @@ from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, StructuredPrun
 from ..prune.stages import run_prune_stage
 from ..quant.autoround_config import AutoRoundConfig
 from ..quant.awq_config import AWQConfig
+from ..quant.budget_config import BudgetConfig
 from ..quant.gguf_config import GGUFConfig
 from ..quant.rotation import RotateConfig
 from ..training.config import DistillConfig, QATTrainConfig
 from ..quant.scheme_config import SCHEME_STAGE_KINDS, FP4Config, FP8Config, SmoothQuantConfig, W8A8Int8Config
-from .stage_runners import (run_autoround, run_awq, run_distill, run_gguf, run_gptq, run_qat, run_quantize,
-                            run_rotate, run_scheme, run_smoothquant)
+from .stage_runners import (run_autoround, run_awq, run_budget, run_distill, run_gguf, run_gptq, run_qat,
+                            run_quantize, run_rotate, run_scheme, run_smoothquant)
 
 STAGE_KINDS: dict[str, type] = {
     **CORE_KINDS,  # rtn, qat_prepare (and any kind a config module registers beside its class)
@@ -36,6 +37,7 @@ STAGE_KINDS: dict[str, type] = {
     "svd": SVDConfig,
     "qat": QATTrainConfig,
     "distill": DistillConfig,
+    "budget": BudgetConfig,  # mixed precision under a size budget (issue #22 item 5)
     **SCHEME_STAGE_KINDS,  # fp8, w8a8_int8, smoothquant, fp4 (issue #21)
     "rotate": RotateConfig,  # residual-stream Hadamard rotation (issue #22)
     "awq": AWQConfig,  # issue #22: scales + clip on float weights; a following rtn/gptq/gguf stage quantizes
@@ -62,4 +64,5 @@ RUNNERS: dict[type, Callable] = {
     SmoothQuantConfig: run_smoothquant,
     RotateConfig: run_rotate,
     AWQConfig: run_awq,
+    BudgetConfig: run_budget,
 }

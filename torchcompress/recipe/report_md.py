@@ -66,6 +66,51 @@ def _plot_sqnr(report: Report, path: Path) -> bool:
     return True
 
 
+def _plot_bits(report: Report, path: Path) -> bool:
+    """Bits per weight of each layer a budget search sized (block x module heatmap, its pick written in
+    each cell; one bar per layer for names without a block index). False when no layer was sized."""
+    rows = [r for r in report.layers if r.choice is not None and r.bits_per_weight is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    parsed = [_LAYER_RE.match(r.module) for r in rows]
+    if all(parsed):
+        blocks = sorted({int(m["idx"]) for m in parsed})
+        leaves = list(dict.fromkeys(m["leaf"] for m in parsed))
+        grid = [[math.nan] * len(leaves) for _ in blocks]
+        label = [[""] * len(leaves) for _ in blocks]
+        for r, m in zip(rows, parsed):
+            i, j = blocks.index(int(m["idx"])), leaves.index(m["leaf"])
+            grid[i][j], label[i][j] = r.bits_per_weight, r.choice
+        fig, ax = plt.subplots(figsize=(1.3 * len(leaves) + 3, 0.28 * len(blocks) + 2))
+        im = ax.imshow(grid, aspect="auto", cmap="plasma")
+        ax.set_xticks(range(len(leaves)), leaves, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+        ax.set_ylabel(f"block ({parsed[0]['prefix']}N)")
+        for i, row in enumerate(label):
+            for j, text in enumerate(row):
+                if text:
+                    ax.text(j, i, text, ha="center", va="center", fontsize=5.5, color="w")
+        fig.colorbar(im, ax=ax, label="bits per weight (codes + scales + zeros)")
+    else:
+        fig, ax = plt.subplots(figsize=(9, max(3.0, 0.18 * len(rows) + 1.5)))
+        ax.barh(range(len(rows)), [r.bits_per_weight for r in rows])
+        ax.set_yticks(range(len(rows)), [f"{r.module} ({r.choice})" for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("bits per weight (codes + scales + zeros)")
+    params = sum(r.params for r in rows)
+    bpw = sum(r.bits_per_weight * r.params for r in rows) / params
+    ax.set_title(f"Bits per layer chosen under the budget ({bpw:.3f} bits/weight over {len(rows)} layers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _plot_bytes(report: Report, path: Path) -> None:
     import matplotlib
 
@@ -88,7 +133,7 @@ def _plot_bytes(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def render_markdown(report: Report, has_sqnr_plot: bool) -> str:
+def render_markdown(report: Report, has_sqnr_plot: bool, has_bits_plot: bool = False) -> str:
     d = report.to_dict()
     lines = [f"# torchcompress report: {report.recipe}", ""]
     if "model" in d:
@@ -122,6 +167,11 @@ def render_markdown(report: Report, has_sqnr_plot: bool) -> str:
     lines += ["", "## Bytes by module type", "", "![bytes by module type](bytes_by_type.png)", ""]
     if has_sqnr_plot:
         lines += ["## Per-layer error", "", "![per-layer SQNR](layer_sqnr.png)", ""]
+    if has_bits_plot:
+        sized = [r for r in report.layers if r.choice is not None and r.bits_per_weight is not None]
+        bpw = sum(r.bits_per_weight * r.params for r in sized) / sum(r.params for r in sized)
+        lines += ["## Bits per layer (size budget)", "", f"{len(sized)} layers sized by the budget search: "
+                  f"{bpw:.3f} bits per weight overall.", "", "![bits per layer](bits_per_layer.png)", ""]
     rows = [r for r in report.layers if r.sqnr_db is not None]
     if rows:
         worst = sorted(rows, key=lambda r: r.sqnr_db)[:10]
@@ -144,7 +194,8 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         has_sqnr = _plot_sqnr(report, tmp / "layer_sqnr.png")
+        has_bits = _plot_bits(report, tmp / "bits_per_layer.png")
         _plot_bytes(report, tmp / "bytes_by_type.png")
-        (tmp / "report.md").write_text(render_markdown(report, has_sqnr))
+        (tmp / "report.md").write_text(render_markdown(report, has_sqnr, has_bits))
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return out_dir

@@ -107,6 +107,19 @@ def record_rotation(stage: Stage, records: list) -> Callable:
     return on_module
 
 
+def budget_recorder(stage: Stage, records: list, choice: dict, losses: dict | None = None) -> Callable:
+    """``on_module`` of the budget stage: the usual record, plus the layer's chosen candidate
+    (``choice``: module name -> option, filled once the plan is solved)."""
+    inner = record_quant(stage, records, losses)
+
+    def on_module(name: str, old: nn.Module, new: nn.Module) -> None:
+        inner(name, old, new)
+        opt = choice.get(name)
+        records[-1].choice = None if opt is None else opt.label
+
+    return on_module
+
+
 def run_rotate(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
     """Residual-stream rotation (issue #22): float function unchanged, every module's weights rotated."""
     from ..quant.rotation import rotate_
@@ -128,3 +141,14 @@ def run_awq(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
 
     awq_model(model, stage.config, calib_data, on_group=record_awq(stage, records),
               offload_dir=getattr(calib_data, "offload_dir", None))
+
+
+def run_budget(model: nn.Module, stage: Stage, records: list, calib_data) -> None:
+    """Mixed precision under a size budget (issue #22 item 5): sensitivity, exact knapsack, quantize."""
+    from ..quant.budget import budget_model
+
+    losses: dict = {}
+    choice: dict = {}
+    budget_model(model, stage.config, calib_data, targets=stage.targets, ignore=stage.ignore,
+                 on_module=budget_recorder(stage, records, choice, losses), on_loss=losses.__setitem__,
+                 on_plan=lambda plan: choice.update(plan.choice), offload_dir=getattr(calib_data, "offload_dir", None))

@@ -50,6 +50,7 @@ class _Plan:
         # that captures block 0's inputs; ``unties``: the head gets its own tensor (tied models untied)
         self.prepare: Callable[[nn.Module], None] | None = None
         self.unties = False
+        self.float_pass: Callable | None = None  # called with a _FloatPass before the main pass (budget search)
         inner = step.apply
 
         def timed(ctx):
@@ -75,13 +76,47 @@ def _data_free(stage: Stage, runner: Callable, records: list) -> tuple[BlockStep
     return BlockStep(apply, needs_forward=False, name=stage.name), rest
 
 
+class _FloatPass:
+    """Read-only passes of calibration data through the float checkpoint's blocks (a stage's
+    ``float_pass``: statistics of the whole model before the main pass changes any block)."""
+
+    def __init__(self, model, prefix, blocks, outside, ckpt, dtype, device, calib, calib_all, batch_size, offload_dir):
+        self.model, self.prefix, self.blocks, self.outside = model, prefix, blocks, outside
+        self.ckpt, self.dtype, self.device, self.calib, self.calib_all = ckpt, dtype, device, calib, calib_all
+        self.batch_size, self.offload_dir = batch_size, offload_dir
+
+    def run(self, steps: list[BlockStep]) -> None:
+        model, device = self.model, self.device
+        for name in self.outside:
+            if not name.endswith("lm_head"):
+                materialize(model, name, self.ckpt, self.dtype, device)
+        inputs = capture_inputs(model, self.blocks, self.calib.batches(self.batch_size), device,
+                                offload_dir=self.offload_dir, keep_on="cpu")
+        for name in self.outside:
+            release(model.get_submodule(name))
+        names = [f"{self.prefix}.{b}" for b in range(len(self.blocks))]
+        prefetch = Prefetcher(model, names, self.ckpt, self.dtype)
+        try:
+            run_blocks(self.prefix, self.blocks, steps, inputs, device,
+                       load=lambda b, block: assign_state(model, names[b], prefetch.get(b), device),
+                       finish=lambda b, block, inp: release(block))
+        finally:
+            prefetch.close()
+            inputs.hidden.close()
+
+
 def _plan_stage(stage: Stage, n_layers: int, records: list, model: nn.Module | None = None) -> _Plan:
     from ..prune.config import MagnitudePruneConfig, SparseGPTConfig, WandaConfig
+    from ..quant.budget_config import BudgetConfig
     from ..quant.gguf_config import GGUFConfig
 
     from ..quant.rotation import RotateConfig
 
     cfg = stage.config
+    if isinstance(cfg, BudgetConfig):  # mixed precision under a size budget: prepares with a float pass
+        from .budget_stream import plan_budget_stage
+
+        return plan_budget_stage(stage, records, _Plan)
     ignore = DEFAULT_IGNORE if stage.ignore is None else stage.ignore
     if isinstance(cfg, RotateConfig):  # data-free per block; embedding (before the capture), norm and head outside
         from ..quant.rotation import rotation_plan
@@ -250,6 +285,7 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
 
         raise ConfigError("calib_data", "this recipe needs calibration data (--calib)")
     fingerprint = _fingerprint(ckpt, recipe, calib, dtype, fingerprint_extra)  # of all ranks' data together
+    calib_all = calib
     calib = shard_for_rank(calib, batch_size)
     outside = _outside_modules(model, prefix)
     total = len(blocks) + len(outside)
@@ -266,6 +302,12 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
             for p in plans:  # what finished blocks recorded before a kill
                 p.records.extend(LayerRecord(**r) for r in writer.extra.get("records", {}).get(p.stage.name, []))
                 p.seconds = writer.extra.get("seconds", {}).get(p.stage.name, 0.0)
+            for p in plans:  # stages that need the whole float model first (the budget search)
+                if p.float_pass is not None:
+                    t0 = time.perf_counter()
+                    p.float_pass(_FloatPass(model, prefix, blocks, outside, ckpt, dtype, device, calib, calib_all,
+                                         batch_size, offload_dir))
+                    p.seconds += time.perf_counter() - t0
             inputs = None
             if needs_forward:
                 captured = [name for name in outside if not name.endswith("lm_head")]
