@@ -30,6 +30,9 @@ from tests.vllm.engine import mean_abs_logprob_diff, run_vllm, venv_dir, venv_py
 
 pytestmark = [
     pytest.mark.vllm, pytest.mark.slow, pytest.mark.e2e,
+    # one test builds its checkpoint (GPTQ with calibration: over 10 min on a loaded 2-core machine) and
+    # starts vLLM (1-2 min): the suite-wide 600 s limit is too short here
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(venv_python() is None, reason=f"no vLLM venv at {venv_dir()} ($TORCHCOMPRESS_VLLM_VENV): build it with "
                        "`bash scripts/vllm_venv.sh`"),
 ]
@@ -108,11 +111,15 @@ def test_vllm_refuses_scheme_with_reason(served, name):
 
 
 def test_wrong_checkpoint_fails_the_check(served):
-    """Negative control: vLLM on the W4 RTN checkpoint scored against transformers on the W4 GPTQ
-    checkpoint (same bits, group and symmetry, other weights) must fail the check above."""
-    right, wrong = served("w4-g64-sym"), served("w4-gptq-g64")
+    """Negative control: vLLM on the W4 g64 sym export scored against transformers float32 on the
+    checkpoint it was made from (SmolLM2 before quantization: what a broken export or an engine that
+    skipped the quantized weights would look like) must fail the check above. Measured (one run, chat
+    prompts): 6/40 tokens, mean |log-prob diff| 1.156 nats, against 40/40, 0.054 for the right one."""
+    from torchcompress.models import load_model
+
+    right = served("w4-g64-sym")
     assert right.run.ok
-    ref = C.load_reference(wrong.scheme, wrong.path)
+    ref = load_model("default").model.float().eval()
     wrong_tokens = [C.greedy(ref, p, NEW_TOKENS) for p in right.prompts]
     wrong_logprobs = [C.teacher_forced_logprobs(ref, s) for s in right.scored]
     equal, total, diff = agreement(wrong_tokens, wrong_logprobs, right.run.tokens, right.run.logprobs)
