@@ -7,10 +7,18 @@ must be equal, and teacher-forced log-probabilities of the reference sequences m
 |difference| under 0.1 nats (issue #21's acceptance bound). Schemes vLLM CPU refuses are tested as
 refusals, with vLLM's reason, so the README's engine table is checked both ways.
 
-Measured so far (one run, loaded 2-core machine): w4-g64-sym 18/40 tokens equal, mean |log-prob diff|
-0.234 nats (max 1.34, largest at the first positions of the raw, BOS-less prompts): this FAILS the
-bound; whether bf16 alone explains it (transformers bf16 vs float32 on the same directory) is not yet
-measured. W8 per-channel: refused (no CPU kernel for uint8b128).
+Setup (why the first run measured 18/40 tokens and 0.234 nats on W4 g64 sym): on a CPU with AMX, vLLM
+CPU serves W4A16 checkpoints in bf16 as W4A8 by default (VLLM_CPU_INT4_W4A8, int8 dynamic activations),
+not the scheme the checkpoint declares; engine.py turns that off. The prompts are SmolLM2-Instruct's
+chat template (``<|im_start|>`` first, as the model is served), not raw text without a start token.
+Measured on the same W4 g64 sym directory (one run each, loaded 2-core machine; the first scored
+position is p(token 1 | token 0), token 0 itself is never scored):
+- transformers bf16 vs float32, raw prompts: 39/40 tokens, mean 0.032 nats (bf16 alone is small);
+- vLLM W4A16 vs transformers float32, raw prompts: 39/40 tokens, 0.027 nats (one near-tie flips);
+- vLLM W4A16 vs transformers float32, chat prompts: 40/40 tokens, 0.054 nats (max 0.30, in the system
+  prompt).
+The test's own numbers: see the README's engine table. W8 per-channel: refused (no CPU kernel for
+uint8b128).
 """
 
 from __future__ import annotations
@@ -22,18 +30,29 @@ from tests.vllm.engine import mean_abs_logprob_diff, run_vllm, venv_dir, venv_py
 
 pytestmark = [
     pytest.mark.vllm, pytest.mark.slow, pytest.mark.e2e,
+    # one test builds its checkpoint (GPTQ with calibration: over 10 min on a loaded 2-core machine) and
+    # starts vLLM (1-2 min): the suite-wide 600 s limit is too short here
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(venv_python() is None, reason=f"no vLLM venv at {venv_dir()} ($TORCHCOMPRESS_VLLM_VENV): build it with "
                        "`bash scripts/vllm_venv.sh`"),
 ]
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
 NEW_TOKENS = 20
-# issue #21's bound (not yet met: see the module docstring); the negative control's number is not measured yet
+# issue #21's bound; measured well under it for W4 g64 sym (module docstring), and the negative control
+# (another checkpoint of the same scheme) must land clearly above it
 MAX_LOGPROB_DIFF = 0.1
 
 SERVED = ["w4-g64-sym", "w4-g64-asym", "w4-gptq-g64", "fp8-w8a8", "int8-w8a8-smoothquant"]
 # scheme -> what vLLM's CPU build says (a fragment of its error)
 REFUSED = {"w8-channel": "uint8b128"}
+
+
+def chat_prompt(tok, text: str) -> list[int]:
+    """``text`` as one user turn in the checkpoint's chat template, ready for the assistant's answer."""
+    enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
 
 
 class Served:
@@ -45,7 +64,7 @@ class Served:
         self.scheme = C.SCHEMES[name]
         self.path = C.build(self.scheme, root / name)
         tok = AutoTokenizer.from_pretrained(str(self.path))
-        self.prompts = [tok(p)["input_ids"] for p in PROMPTS]
+        self.prompts = [chat_prompt(tok, p) for p in PROMPTS]
         ref = C.load_reference(self.scheme, self.path)
         self.ref_tokens = [C.greedy(ref, p, NEW_TOKENS) for p in self.prompts]
         self.scored = [p + t for p, t in zip(self.prompts, self.ref_tokens)]
@@ -92,11 +111,15 @@ def test_vllm_refuses_scheme_with_reason(served, name):
 
 
 def test_wrong_checkpoint_fails_the_check(served):
-    """Negative control: vLLM on the W4 RTN checkpoint scored against transformers on the W4 GPTQ
-    checkpoint (same bits, group and symmetry, other weights) must fail the check above."""
-    right, wrong = served("w4-g64-sym"), served("w4-gptq-g64")
+    """Negative control: vLLM on the W4 g64 sym export scored against transformers float32 on the
+    checkpoint it was made from (SmolLM2 before quantization: what a broken export or an engine that
+    skipped the quantized weights would look like) must fail the check above. Measured (one run, chat
+    prompts): 6/40 tokens, mean |log-prob diff| 1.156 nats, against 40/40, 0.054 for the right one."""
+    from torchcompress.models import load_model
+
+    right = served("w4-g64-sym")
     assert right.run.ok
-    ref = C.load_reference(wrong.scheme, wrong.path)
+    ref = load_model("default").model.float().eval()
     wrong_tokens = [C.greedy(ref, p, NEW_TOKENS) for p in right.prompts]
     wrong_logprobs = [C.teacher_forced_logprobs(ref, s) for s in right.scored]
     equal, total, diff = agreement(wrong_tokens, wrong_logprobs, right.run.tokens, right.run.logprobs)
