@@ -94,6 +94,9 @@ CLI_ROWS = [
     (C + " --eval {tmp}/missing.txt", "missing.txt"),
     (C + " --eval {binary}", "binary.txt"),
     (C + " --eval-windows 0", "--eval-windows"),
+    (C + " --target-bpw many", "--target-bpw"),
+    (C + " --target-bpw 0.5", "0.5"),  # below what 2-bit everything gives: the feasible range is named
+    (C + " --target-size lots", "--target-size"),
     (C + " --json {blocker}/sub/r.json", "a-file"),
     (C + " --report {blocker}/sub/report", "a-file"),
     (C + " --offload-dir {blocker}/sub/off", "a-file"),
@@ -232,7 +235,8 @@ def _stage_yaml(kind: str, path: str, value: str) -> tuple[str, int]:
 
 # fields a stage kind needs to be valid at all (so that a bad value is the only thing wrong), and the
 # fields that take their place (one of an exclusive group); one line per kind
-BASE = {"svd": ({"rank": "4"}, {"rank", "energy", "param_ratio"})}
+BASE = {"svd": ({"rank": "4"}, {"rank", "energy", "param_ratio"}),
+        "budget": ({"target_bpw": "4.5"}, {"target_bpw", "target_size"})}
 
 
 def _check_field(tmp_path, capsys, kind, path, value, fragment):
