@@ -16,7 +16,6 @@ import copy
 import json
 import time
 
-import torch
 
 from torchcompress.calibration import CalibrationConfig, build_calibration
 from torchcompress.config import QuantScheme, RTNConfig

@@ -164,7 +164,6 @@ def test_all_zero_rows_and_tiny_weights():
 
 def _loop_search(w, bits, group, sym, norm=2.4, grid=100, maxshrink=0.8):
     """The clip search written out row by row, group by group, with plain Python scalars."""
-    import math
     n, k = w.shape
     out = []
     for r in range(n):

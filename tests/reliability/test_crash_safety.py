@@ -217,9 +217,9 @@ def test_enospc_at_commit_keeps_old_output(tmp_path, monkeypatch, where):
 def test_cli_disk_full_is_exit_2_one_line(tiny_model_dir, tmp_path):
     """Through the real CLI in a child process limited to 50 kB files: exit 2, one line, old output kept."""
     out = tmp_path / "out"
-    code = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY)); "
-            f"from torchcompress.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY)); "
+            "from torchcompress.cli import main; sys.exit(main(sys.argv[1:]))")
     args = ["compress", "--model", str(tiny_model_dir), "--recipe", "w8-rtn", "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCHCOMPRESS_KERNEL="reference")
     from torchcompress.cli import main

@@ -13,7 +13,7 @@ import torchcompress as tc
 from torchcompress.errors import ConfigError, RecipeError
 from torchcompress.nn.gguf_linear import GGUFLinear
 from torchcompress.nn.gguf_qat import GGUFQATLinear, gguf_fake_quantize_ste
-from torchcompress.primitives.gguf_blocks import dequantize, quantize, quantize_reference
+from torchcompress.primitives.gguf_blocks import dequantize, quantize_reference
 from torchcompress.primitives.gguf_common import GGMLType
 from torchcompress.quant.gguf import quantize_gguf_
 from torchcompress.quant.gguf_config import GGUFConfig
