@@ -12,6 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("compressed_tensors")
+from tests.formats.ct_oracle import their_weight  # noqa: E402
 pytestmark = pytest.mark.hf
 
 from torchcompress.formats.compressed_tensors import save_compressed_tensors  # noqa: E402
@@ -43,17 +44,6 @@ def exported(tmp_path_factory):
     return model, calib, out
 
 
-def _their_weight(path, name):
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-    from safetensors.torch import load_file
-
-    qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    group = next(g for g in qc["config_groups"].values() if name in g["targets"])
-    scheme = QuantizationScheme(**{k: group[k] for k in ("targets", "weights", "input_activations", "format")})
-    sd = load_file(str(path / "model.safetensors"))
-    sub = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-    return BaseCompressor.get_value_from_registry(group["format"]).decompress(sub, scheme)["weight"]
 
 
 @pytest.mark.parametrize("key", list(SCHEMES))
@@ -64,7 +54,7 @@ def test_config_format_and_their_decompressor_gives_our_weights(exported, key):
     assert qc["format"] == SCHEMES[key][1] and len(qc["config_groups"]) == 1
     assert qc["ignore"] == ["lm_head"]
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
-        theirs = _their_weight(path, name)
+        theirs = their_weight(path, name)
         mine = q.get_submodule(name).dequantize(torch.float32)
         # FP4: they decompress into bf16 (same products, rounded); FP8 / INT8: fp32 products
         assert torch.equal(theirs.float(), mine.to(theirs.dtype).float()), name

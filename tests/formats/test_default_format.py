@@ -20,6 +20,7 @@ from torchcompress import QuantLinear, QuantScheme
 from torchcompress.errors import FormatError
 
 pytest.importorskip("compressed_tensors")
+from tests.formats.ct_oracle import their_weight  # noqa: E402
 pytestmark = pytest.mark.hf
 
 SCHEMES = {
@@ -38,17 +39,6 @@ def _quantized(tiny_llama, scheme, tied=True):
     return model
 
 
-def _their_weight(path, name):
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-    from safetensors.torch import load_file
-
-    qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    group = next(g for g in qc["config_groups"].values() if name in g["targets"])
-    scheme = QuantizationScheme(**{k: group[k] for k in ("targets", "weights", "input_activations", "format")})
-    sd = load_file(str(path / "model.safetensors"))
-    sub = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-    return BaseCompressor.get_value_from_registry(group["format"]).decompress(sub, scheme)["weight"]
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -67,7 +57,7 @@ def test_int_schemes_are_written_as_compressed_tensors_and_reload_bit_exactly(tm
     src = model.get_submodule(name)
     # their decompressor gives our dequantized weight: they multiply in the scale's dtype, we in fp32 and
     # round once to it; (q - z) * scale rounded once either way, so equal bit for bit
-    theirs = _their_weight(out, name)
+    theirs = their_weight(out, name)
     assert torch.equal(theirs.float(), src.dequantize(torch.float32).to(theirs.dtype).float())
 
     loaded = tc.load_compressed(out)
