@@ -46,12 +46,7 @@ def _calib(n=16, seed=1):
     return CalibrationSet(ids, torch.ones_like(ids))
 
 
-def _assert_same(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype, k
-        assert torch.equal(sa[k], sb[k]), k
+from tests.pipeline.test_streaming import _assert_same  # noqa: E402  (every tensor, dtype and value)
 
 
 def test_checkpoint_layout_is_per_expert(tmp_path):
