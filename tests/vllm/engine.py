@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,23 @@ def run_vllm(model_dir: Path, prompts: list, max_tokens: int, scored: list, work
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
                VLLM_CPU_INT4_W4A8="0")
-    p = subprocess.run([str(py), str(WORKER), str(req), str(res)], capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd=str(work))
-    (work / "vllm.log").write_text(p.stdout + p.stderr)
-    if p.returncode != 0:
-        return VllmRun(ok=False, error=_reason(p.stdout + "\n" + p.stderr))
+    # its own process group, output to a file (not pipes): when the worker exits, whatever engine
+    # process vLLM left behind is killed with the group instead of holding the test on an open pipe
+    log_path = work / "vllm.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([str(py), str(WORKER), str(req), str(res)], stdout=log, stderr=subprocess.STDOUT,
+                             env=env, cwd=str(work), start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    text = log_path.read_text(errors="replace")
+    if rc != 0:
+        return VllmRun(ok=False, error=_reason(text) or f"vLLM worker exited with status {rc}")
     out = json.loads(res.read_text())
     return VllmRun(ok=True, tokens=out["tokens"], logprobs=out["logprobs"], quantization=out["quantization"])
 
