@@ -35,11 +35,13 @@ inline Isa parse_isa(const std::string& name) {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Rows per parallel task: enough work (~1M weight x activation products) that waking a second
-// thread pays for itself; smaller layers run on the calling thread. (An OpenMP region costs a few
-// microseconds on an idle machine but milliseconds when the cores are oversubscribed.)
+// Rows per parallel task: enough work (~256K weight x activation products, ~15 us on one thread)
+// that waking a second thread pays for itself; smaller layers run on the calling thread. (An OpenMP
+// region costs a few microseconds on an idle machine but milliseconds when the cores are
+// oversubscribed.) At 1M products, every layer of a small model's decode step but the output
+// projection ran on one thread (SmolLM2: q/k/v 553K, gate/up 1.77M as two calls of 885K).
 inline int64_t row_grain(int64_t K, int64_t M) {
-  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(K * std::min<int64_t>(M, 8), 1));
+  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * std::min<int64_t>(M, 8), 1));
 }
 
 // Entry points defined in gguf_linear.cpp, registered by int_linear.cpp's module.
@@ -47,5 +49,8 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10:
                        int64_t qtype, int64_t in_features, const std::string& isa_name, const std::string& path,
                        int64_t gemv_max_batch, int64_t panel_min_batch);
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features, const std::string& isa_name);
+at::Tensor gguf_linear_rows(const at::Tensor& x, const std::vector<at::Tensor>& blocks,
+                            const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& qtypes,
+                            int64_t in_features);
 
 }  // namespace tc_kernels

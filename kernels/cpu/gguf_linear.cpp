@@ -129,6 +129,60 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10:
   return out.to(x.scalar_type()).reshape(shape);
 }
 
+// Several weights that read the same x (q/k/v, gate/up), outputs side by side: one call and, for one
+// row of x (a decode step), one parallel region over all their rows, so that both threads share
+// every part instead of each small part running on one thread after another.
+at::Tensor gguf_linear_rows(const at::Tensor& x, const std::vector<at::Tensor>& blocks,
+                            const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& qtypes,
+                            int64_t in_features) {
+  const size_t P = blocks.size();
+  TORCH_CHECK(P > 0 && biases.size() == P && qtypes.size() == P,
+              "gguf_linear_rows: blocks, biases and qtypes must have the same (non-zero) length");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == in_features,
+              "gguf_linear_rows: x must be a CPU tensor with last dim ", in_features);
+  const int64_t M = x.numel() / in_features;
+  if (M != 1) {  // several rows of x: each part through the full entry point (paths by batch)
+    std::vector<at::Tensor> outs;
+    for (size_t j = 0; j < P; ++j)
+      outs.push_back(gguf_linear(x, blocks[j], biases[j], qtypes[j], in_features, "auto", "auto", 64, 3));
+    return at::cat(outs, -1);
+  }
+  const Isa isa = parse_isa("auto");
+  std::vector<GGUFProblem> parts(P);
+  std::vector<at::Tensor> keep;
+  std::vector<int64_t> start(P + 1, 0);
+  at::Tensor x2 = x.reshape({1, in_features}).to(at::kFloat).contiguous();
+  for (size_t j = 0; j < P; ++j) {
+    keep.push_back(setup_blocks(parts[j], blocks[j], qtypes[j], in_features));
+    parts[j].M = 1;
+    parts[j].x = x2.data_ptr<float>();
+    if (biases[j].has_value() && biases[j]->defined()) {
+      keep.push_back(biases[j]->to(at::kFloat).contiguous());
+      TORCH_CHECK(keep.back().numel() == parts[j].N, "gguf_linear_rows: bias ", j, " has ", keep.back().numel(),
+                  " elements, expected ", parts[j].N);
+      parts[j].bias = keep.back().data_ptr<float>();
+    }
+    start[j + 1] = start[j] + parts[j].N;
+  }
+  at::Tensor out = at::empty({1, start[P]}, x2.options());
+  for (size_t j = 0; j < P; ++j) parts[j].out = out.data_ptr<float>() + start[j];  // one row: column offset
+  at::parallel_for(0, start[P], row_grain(in_features, 1), [&](int64_t s, int64_t e) {
+    for (size_t j = 0; j < P; ++j) {
+      const int64_t a = std::max(s, start[j]) - start[j], b = std::min(e, start[j + 1]) - start[j];
+      if (a >= b) continue;
+      if (isa == Isa::Avx512) gguf_rows_avx512(parts[j], a, b);
+      else if (isa == Isa::Avx2) gguf_rows_avx2(parts[j], a, b);
+      else {
+        std::vector<float> wbuf(static_cast<size_t>(in_features));
+        gguf_rows_portable(parts[j], a, b, wbuf.data());
+      }
+    }
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = start[P];
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features, const std::string& isa_name) {
   const Isa isa = parse_isa(isa_name);
   GGUFProblem p;

@@ -126,6 +126,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+constexpr int64_t kPrefetchBytes = 1024;
+
 template <int MB>
 void rows_mb(const GGUFProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nblk = p.K / p.block;
@@ -135,7 +137,9 @@ void rows_mb(const GGUFProblem& p, int64_t m0, int64_t n0, int64_t n1) {
     for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nblk; ++i) {
       const float* x = p.x + m0 * p.K + i * p.block;
-      decode(p.qtype, row + i * p.block_bytes, [&](int off, __m256 w) {
+      const uint8_t* blk = row + i * p.block_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes, _MM_HINT_T0);  // see the AVX-512 file
+      decode(p.qtype, blk, [&](int off, __m256 w) {
         const int a = (off >> 3) & 1;
         for (int m = 0; m < MB; ++m) acc[m][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * p.K + off), acc[m][a]);
       });

@@ -76,18 +76,9 @@ at::Tensor setup_problem(Problem& p, const at::Tensor& x, const at::Tensor& qwei
   return x.reshape({p.M, K}).to(at::kFloat).contiguous();
 }
 
-void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
-  const int64_t M = p.M, K = p.K;
-  if (isa == Isa::Portable || !simd_supported(p)) {
-    const float* xp = x.data_ptr<float>();
-    at::parallel_for(0, p.N, row_grain(p.K, p.M), [&](int64_t b, int64_t e) {
-      std::vector<float> wbuf(static_cast<size_t>(K));
-      gemv_rows_portable(p, xp, b, e, wbuf.data());
-    });
-    return;
-  }
-  // Zero-padded fp32 activations, split into even/odd columns for 4 bits.
-  const bool four = p.bits == 4;
+// Zero-padded fp32 activations, split into even/odd columns for 4 bits (Prepared's layout).
+Prepared prepare_x(const at::Tensor& x, int64_t M, int64_t K, int bits, std::vector<at::Tensor>& keep) {
+  const bool four = bits == 4;
   const int64_t width = four ? (K + 1) / 2 : K;
   const int64_t ldx = round_up(width, 16) + 16;
   at::Tensor xa = at::zeros({M, ldx}, x.options());
@@ -103,10 +94,27 @@ void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
       std::memcpy(pa + m * ldx, r, static_cast<size_t>(K) * sizeof(float));
     }
   }
+  keep.push_back(xa);
+  if (four) keep.push_back(xb);
   Prepared q;
   q.xa = pa;
   q.xb = pb;
   q.ldx = ldx;
+  return q;
+}
+
+void run_gemv(Problem& p, const at::Tensor& x, Isa isa) {
+  const int64_t K = p.K;
+  if (isa == Isa::Portable || !simd_supported(p)) {
+    const float* xp = x.data_ptr<float>();
+    at::parallel_for(0, p.N, row_grain(p.K, p.M), [&](int64_t b, int64_t e) {
+      std::vector<float> wbuf(static_cast<size_t>(K));
+      gemv_rows_portable(p, xp, b, e, wbuf.data());
+    });
+    return;
+  }
+  std::vector<at::Tensor> keep;
+  const Prepared q = prepare_x(x, p.M, K, p.bits, keep);
   at::parallel_for(0, p.N, row_grain(p.K, p.M), [&](int64_t b, int64_t e) {
     if (isa == Isa::Avx512) gemv_rows_avx512(p, q, b, e);
     else gemv_rows_avx2(p, q, b, e);
@@ -168,6 +176,51 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::
   return out.to(x.scalar_type()).reshape(shape);
 }
 
+// Several weights that read the same x (q/k/v, gate/up), outputs side by side; for one row of x
+// with one code width and SIMD kernels, one prepared x and one parallel region over all their rows
+// (see gguf_linear_rows), else each part through int_linear.
+at::Tensor int_linear_rows(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
+                           const std::vector<at::Tensor>& scales, const std::vector<c10::optional<at::Tensor>>& zeros,
+                           const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& bits,
+                           const std::vector<int64_t>& group_sizes, int64_t in_features) {
+  const size_t P = qweights.size();
+  TORCH_CHECK(P > 0 && scales.size() == P && zeros.size() == P && biases.size() == P && bits.size() == P &&
+                  group_sizes.size() == P,
+              "int_linear_rows: every list must have the same (non-zero) length");
+  std::vector<Problem> parts(P);
+  std::vector<at::Tensor> keep;
+  std::vector<int64_t> start(P + 1, 0);
+  at::Tensor x2;
+  bool fused = true;
+  for (size_t j = 0; j < P; ++j) {
+    x2 = setup_problem(parts[j], x, qweights[j], scales[j], zeros[j], biases[j], bits[j], group_sizes[j], in_features, keep);
+    fused = fused && parts[j].M == 1 && bits[j] == bits[0] && simd_supported(parts[j]);
+    start[j + 1] = start[j] + parts[j].N;
+  }
+  const Isa isa = parse_isa("auto");
+  if (!fused || isa == Isa::Portable) {
+    std::vector<at::Tensor> outs;
+    for (size_t j = 0; j < P; ++j)
+      outs.push_back(int_linear(x, qweights[j], scales[j], zeros[j], biases[j], bits[j], group_sizes[j], in_features,
+                                "auto", "auto", 32));
+    return at::cat(outs, -1);
+  }
+  const Prepared q = prepare_x(x2, 1, in_features, static_cast<int>(bits[0]), keep);
+  at::Tensor out = at::empty({1, start[P]}, x2.options());
+  for (size_t j = 0; j < P; ++j) parts[j].out = out.data_ptr<float>() + start[j];  // one row: column offset
+  at::parallel_for(0, start[P], row_grain(in_features, 1), [&](int64_t s, int64_t e) {
+    for (size_t j = 0; j < P; ++j) {
+      const int64_t a = std::max(s, start[j]) - start[j], b = std::min(e, start[j + 1]) - start[j];
+      if (a >= b) continue;
+      if (isa == Isa::Avx512) gemv_rows_avx512(parts[j], q, a, b);
+      else gemv_rows_avx2(parts[j], q, a, b);
+    }
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = start[P];
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
 }  // namespace
 }  // namespace tc_kernels
 
@@ -181,5 +234,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("path") = "auto", py::arg("gemv_max_batch") = 32, py::arg("panel_min_batch") = 4);
   m.def("gguf_dequantize", &tc_kernels::gguf_dequantize, "GGUF blocks (N, row_bytes) -> (N, K) float32",
         py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("isa") = "auto");
+  m.def("int_linear_rows", &tc_kernels::int_linear_rows,
+        "torch.cat([int_linear(x, part j) for j], -1) in one call (one parallel region for one row of x)",
+        py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"), py::arg("biases"), py::arg("bits"),
+        py::arg("group_sizes"), py::arg("in_features"));
+  m.def("gguf_linear_rows", &tc_kernels::gguf_linear_rows,
+        "torch.cat([gguf_linear(x, part j) for j], -1) in one call (one parallel region for one row of x)",
+        py::arg("x"), py::arg("blocks"), py::arg("biases"), py::arg("qtypes"), py::arg("in_features"));
   m.def("available_isas", &tc_kernels::available_isas, "instruction sets usable on this CPU, best first");
 }

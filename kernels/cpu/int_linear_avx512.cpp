@@ -33,6 +33,9 @@ inline float scale_at(const Problem& p, int64_t n, int64_t g) {
   return static_cast<const float*>(p.scale)[i];
 }
 
+// Bytes ahead that the GEMV prefetches (see gguf_linear_avx512.cpp).
+constexpr int64_t kPrefetchBytes = 1024;
+
 inline __mmask16 first_n(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
 // out[m0:m0+MB, n0:n1] for 4-bit codes. Per group, the 16 possible weights (c - zero) * scale are
@@ -42,12 +45,13 @@ void int4_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int6
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qw + n * p.row_bytes;
-    __m512 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    __m512 tot[MB], tot2[MB];  // low and high nibbles' products: two FMA chains per row of x (up to 4 rows)
+    for (int m = 0; m < MB; ++m) tot[m] = tot2[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t c0 = g * p.gs;
       const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
       const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;  // groups start on a byte (simd_supported)
+      _mm_prefetch(reinterpret_cast<const char*>(row + b0) + kPrefetchBytes, _MM_HINT_T0);
       const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(load_zero(p, n, g))),
                                          _mm512_set1_ps(scale_at(p, n, g)));
       for (int64_t j = 0; j < nb; j += 16) {
@@ -65,12 +69,13 @@ void int4_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int6
         for (int m = 0; m < MB; ++m) {
           const int64_t off = (m0 + m) * q.ldx + b0 + j;
           tot[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(q.xa + off), tot[m]);
-          tot[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.xb + off), tot[m]);
+          if constexpr (MB <= 4) tot2[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.xb + off), tot2[m]);
+          else tot[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.xb + off), tot[m]);  // 16 rows: registers
         }
       }
     }
     const float bias = p.bias ? p.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(tot[m]) + bias;
+    for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m], tot2[m])) + bias;
   }
 }
 

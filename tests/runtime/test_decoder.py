@@ -94,10 +94,10 @@ def test_prompt_continued_after_cached_tokens_uses_a_causal_mask():
     assert (got - want).abs().max().item() < ATOL
 
 
-def _quantized(kind: str):
+def _quantized(kind: str, base=_llama):
     import torchcompress as tc
 
-    model = _llama(hidden_size=64)
+    model = base()
     if kind == "w4-g32":
         return tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=4, group_size=32, symmetric=True)), ignore=[])
     if kind == "w8-channel-asym":
@@ -129,18 +129,20 @@ def test_greedy_tokens_equal_transformers_generate(kind, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["w4-g32", "w8-channel-asym", "q4_0", "q8_0"])
-def test_bound_kernels_equal_the_modules_bit_for_bit(kind):
-    model = _quantized(kind)
+@pytest.mark.parametrize("base", ["llama", "qwen2-bias"])
+def test_bound_kernels_equal_the_modules_bit_for_bit(kind, base):
+    model = _quantized(kind, _qwen2 if base == "qwen2-bias" else _llama)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    x = torch.randn(3, 64)
     with torch.inference_mode():
-        for mod in (attn.q_proj, attn.o_proj, mlp.down_proj, model.lm_head):
-            xi = torch.randn(3, mod.in_features)
-            assert torch.equal(bind(mod)(xi), mod(xi))
-        want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-        assert torch.equal(bind_rows([attn.q_proj, attn.k_proj, attn.v_proj])(x), want)
-        want = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
-        assert torch.equal(bind_rows([mlp.gate_proj, mlp.up_proj])(x), want)
+        for rows in (1, 3):  # one row: the fused single-region path of bind_rows; three: per part
+            x = torch.randn(rows, 64)
+            for mod in (attn.q_proj, attn.o_proj, mlp.down_proj, model.lm_head):
+                xi = torch.randn(rows, mod.in_features)
+                assert torch.equal(bind(mod)(xi), mod(xi))
+            want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+            assert torch.equal(bind_rows([attn.q_proj, attn.k_proj, attn.v_proj])(x), want)
+            want = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+            assert torch.equal(bind_rows([mlp.gate_proj, mlp.up_proj])(x), want)
 
 
 def test_eos_stops_and_pads_finished_sequences():
