@@ -1,23 +1,27 @@
-"""Greedy decoding speed of SmolLM2-135M-Instruct on CPU through transformers: float vs W4 (and Q4_0).
+"""CPU greedy decoding speed of SmolLM2-135M-Instruct: our decoder beside llama.cpp on the same file.
 
-Variants, all built from the same float model and timed interleaved in one process (round r times
-every variant once), median over rounds:
+SmolLM2 is exported to Q4_0 by our own exporter (``export --format gguf --qtype Q4_0``); that one
+file is decoded by llama.cpp (llama-cpp-python, where installed) and by us, loaded with its blocks
+kept (``load_model(..., keep_quantized=True)``: GGUFLinear layers and a Q8_0 output projection, as
+llama.cpp quantizes it). Variants, all timed interleaved in one process (round r times every variant
+once), median over rounds:
 
-* ``float``        the unmodified fp32 model;
-* ``W4 g128``      every Linear but lm_head -> QuantLinear (RTN, 4 bits, group 128, symmetric), default
-                   kernels (the native CPU extension when it builds);
-* ``W4 g128 dispatcher``  the same modules and kernels, every call through the custom op's dispatcher
-                   (in inference the modules call the op's implementation directly);
-* ``W4 g128 ref``  the same modules, forced onto the pure-PyTorch reference (TORCHCOMPRESS_KERNEL);
-* ``Q4_0``         every Linear but lm_head -> GGUFLinear Q4_0, when torchcompress.nn.gguf_linear exists;
-* ``Q4_K_M``       every Linear but lm_head -> GGUFLinear with llama.cpp's Q4_K_M mix of block types;
-* ``llama.cpp``    the bundled .gguf through llama-cpp-python, when installed (its own weights file,
-                   so not the same quantization; printed for orientation only).
+* ``llama.cpp Q4_0``      the exported file through llama.cpp;
+* ``Q4_0 runtime``        the same file through :mod:`torchcompress.runtime` (static KV cache, layers
+                          bound to the native kernels);
+* ``Q4_0 generate``       the same modules through transformers' ``generate()``;
+* ``W4 g128 runtime``     the float model quantized in memory: RTN 4 bits, group 128, symmetric, on
+                          every Linear, with the output projection at 8 bits per channel (the tied
+                          embedding stays float for the lookup);
+* ``float runtime`` / ``float generate``   the unquantized fp32 model.
 
 Decode tokens/s = (new_tokens - 1) / (time(new_tokens) - time(1 token)): the prompt's prefill is
-subtracted out. The W4 outputs are also checked to be the same tokens with either kernel.
+subtracted out. Printed: tokens/s, the ratio to llama.cpp's, and the process CPU time per token
+(steadier than wall time when other work shares the cores). Checked: every runtime variant's tokens
+equal transformers' ``generate()`` with the pure-PyTorch reference kernels on the same modules
+(``TORCHCOMPRESS_KERNEL=reference``).
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_generate.py --new-tokens 32 --rounds 5
+    HF_HUB_OFFLINE=1 python benchmarks/bench_generate.py --new-tokens 32 --rounds 5 --threads 2
 """
 
 from __future__ import annotations
@@ -26,93 +30,64 @@ import argparse
 import copy
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 PROMPT = "Write a short paragraph about why the sky is blue, for a curious ten-year-old."
 
 
-def quantize_w4(model: nn.Module) -> nn.Module:
-    import torchcompress as tc
-
-    return tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=4, group_size=128, symmetric=True)), ignore=["lm_head"])
-
-
-def quantize_q4_0(model: nn.Module):
-    try:
-        from torchcompress.nn.gguf_linear import GGUFLinear
-        from torchcompress.primitives.gguf_common import GGMLType
-    except ImportError as e:
-        return None, f"skipped ({e})"
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not full.endswith("lm_head"):
-                setattr(mod, child_name, GGUFLinear.from_linear(child, GGMLType.Q4_0, name=full))
-    return model, ""
-
-
-def quantize_q4_k_m(model: nn.Module):
-    """llama.cpp's Q4_K_M mix (torchcompress.quant.gguf): on SmolLM2 Q5_0 for the 576-wide inputs
-    (not a multiple of 256), Q4_K/Q6_K for ffn_down, Q8_0 for some attn_v; lm_head stays float as
-    in the other variants."""
-    try:
-        from torchcompress.quant.gguf import quantize_gguf_
-        from torchcompress.quant.gguf_config import GGUFConfig
-    except ImportError as e:
-        return None, f"skipped ({e})"
-    return quantize_gguf_(model, GGUFConfig("Q4_K_M"), ignore=["lm_head", "re:.*embed.*"]), ""
-
-
 class Forced:
-    """Runs with TORCHCOMPRESS_KERNEL set to ``kernel`` (the op reads it per call). ``"dispatcher"``:
-    the default kernels, but QuantLinear sends every call through the custom op's dispatcher instead
-    of calling the op's implementation directly (what inference did before it skipped the dispatcher)."""
+    """TORCHCOMPRESS_KERNEL set to ``kernel`` for the duration (the ops read it per call)."""
 
     def __init__(self, kernel: str | None):
         self.kernel = kernel
 
     def __enter__(self):
-        if self.kernel == "dispatcher":
-            import torchcompress.nn.quant_linear as ql
-
-            self.ql, self.run_op = ql, ql.run_op
-            ql.run_op = lambda op, impl, x, *args: op(x, *args)
-            return
         self.old = os.environ.get("TORCHCOMPRESS_KERNEL")
         if self.kernel is not None:
             os.environ["TORCHCOMPRESS_KERNEL"] = self.kernel
 
     def __exit__(self, *exc):
-        if self.kernel == "dispatcher":
-            self.ql.run_op = self.run_op
-        elif self.old is None:
+        if self.old is None:
             os.environ.pop("TORCHCOMPRESS_KERNEL", None)
         else:
             os.environ["TORCHCOMPRESS_KERNEL"] = self.old
 
 
-GRAD_MODE = torch.inference_mode  # --no-grad: torch.no_grad, the mode transformers' generate() sets itself
+def hf_generate(model, ids, n: int, eos: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=eos)
+    return out[0, ids.shape[1]:]
 
 
-def generate(model, ids, n: int, kernel: str | None) -> tuple[float, torch.Tensor]:
-    with Forced(kernel), GRAD_MODE():
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t0, out[0, ids.shape[1]:]
+def runtime_generate(model, ids, n: int, eos: int) -> torch.Tensor:
+    from torchcompress.runtime import generate
+
+    return generate(model, ids, n, eos_token_id=eos, min_new_tokens=n)[0, ids.shape[1]:]
 
 
-def llama_cpp_runner(n: int):
+def quantize_w4_w8_head(model):
+    import torchcompress as tc
+
+    tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=8, granularity="channel", symmetric=True)),
+                 targets=["lm_head"], ignore=[])
+    return tc.quantize_(model, tc.RTNConfig(tc.QuantScheme(bits=4, group_size=128, symmetric=True)), ignore=["lm_head"])
+
+
+def llama_cpp_runner(path: Path, threads: int):
     try:
         from llama_cpp import Llama
     except ImportError:
         return None, "skipped (llama-cpp-python not installed)"
-    from torchcompress.models import default_gguf_path
-
-    path = default_gguf_path()
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    # n_batch 1: the prompt goes through llama.cpp's one-token path too (a multi-token batch crashed
+    # llama-cpp-python 0.3.36's AMX build on this machine); decode speed is unaffected, and the
+    # prefill is subtracted out below
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=1, n_ubatch=1, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
     toks = llm.tokenize(PROMPT.encode())
 
     def run(k: int) -> float:
@@ -131,74 +106,76 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--skip-reference", action="store_true", help="leave out the slow W4 reference variant")
-    ap.add_argument("--no-grad", action="store_true",
-                    help="generate under torch.no_grad (as a plain model.generate() call runs) instead of inference_mode")
+    ap.add_argument("--skip-reference", action="store_true", help="leave out the token check on the reference kernels")
+    ap.add_argument("--skip-generate", action="store_true", help="leave out the transformers generate() variants")
     args = ap.parse_args(argv)
-    global GRAD_MODE
-    if args.no_grad:
-        GRAD_MODE = torch.no_grad
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from torchcompress.cli import main as cli
     from torchcompress.models import load_model
 
-    loaded = load_model("default")
-    base = loaded.model.float().eval()
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
-    w4 = quantize_w4(copy.deepcopy(base)).eval()
-    variants = {"float": (base, None), "W4 g128": (w4, None), "W4 g128 dispatcher": (w4, "dispatcher")}
-    if not args.skip_reference:
-        variants["W4 g128 ref"] = (w4, "reference")
-    q4, why_q4 = quantize_q4_0(copy.deepcopy(base))
-    if q4 is not None:
-        variants["Q4_0"] = (q4.eval(), None)
-    qkm, why_qkm = quantize_q4_k_m(copy.deepcopy(base))
-    if qkm is not None:
-        variants["Q4_K_M"] = (qkm.eval(), None)
-    llama_run, llama_what = llama_cpp_runner(args.new_tokens)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    gguf = tmp / "smollm2-q4_0.gguf"
+    assert cli(["export", "--model", "default", "--format", "gguf", "--qtype", "Q4_0", "--out", str(gguf)]) == 0
+    q4 = load_model(gguf, keep_quantized=True)
+    ids = q4.tokenizer(PROMPT, return_tensors="pt").input_ids
+    eos = int(q4.model.config.eos_token_id)
+    base = load_model("default").model.float().eval()
+    w4 = quantize_w4_w8_head(copy.deepcopy(base)).eval()
+
+    variants = {"Q4_0 runtime": (runtime_generate, q4.model), "W4 g128 runtime": (runtime_generate, w4),
+                "float runtime": (runtime_generate, base)}
+    if not args.skip_generate:
+        variants.update({"Q4_0 generate": (hf_generate, q4.model), "float generate": (hf_generate, base)})
+    llama_run, llama_what = llama_cpp_runner(gguf, torch.get_num_threads())
 
     n = args.new_tokens
-    for model, kernel in variants.values():  # warm-up (and the extension build, once)
-        generate(model, ids, 2, kernel)
+    for fn, model in variants.values():  # warm-up (and the extension build, once)
+        fn(model, ids, 2, eos)
     if llama_run is not None:
         llama_run(2)
-    per_tok: dict[str, list[float]] = {k: [] for k in variants}
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     if llama_run is not None:
-        per_tok["llama.cpp"] = []
+        wall["llama.cpp Q4_0"], cpu["llama.cpp Q4_0"] = [], []
     tokens = {}
     for _ in range(args.rounds):
-        for name, (model, kernel) in variants.items():
-            t_n, toks = generate(model, ids, n, kernel)
-            t_1, _ = generate(model, ids, 1, kernel)
-            per_tok[name].append((t_n - t_1) / (n - 1))
+        for name, (fn, model) in variants.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            toks = fn(model, ids, n, eos)
+            c1, t1 = time.process_time(), time.perf_counter()
+            fn(model, ids, 1, eos)
+            c2, t2 = time.process_time(), time.perf_counter()
+            wall[name].append(((t1 - t0) - (t2 - t1)) / (n - 1))
+            cpu[name].append(((c1 - c0) - (c2 - c1)) / (n - 1))
             tokens[name] = toks
         if llama_run is not None:
-            per_tok["llama.cpp"].append((llama_run(n) - llama_run(1)) / (n - 1))
+            c0 = time.process_time()
+            a = llama_run(n)
+            c1 = time.process_time()
+            b = llama_run(1)
+            c2 = time.process_time()
+            wall["llama.cpp Q4_0"].append((a - b) / (n - 1))
+            cpu["llama.cpp Q4_0"].append(((c1 - c0) - (c2 - c1)) / (n - 1))
 
-    print(f"SmolLM2-135M-Instruct, greedy, prompt {ids.shape[1]} tokens, {n} new tokens, {GRAD_MODE.__name__}, torch {torch.__version__}, "
+    print(f"SmolLM2-135M-Instruct, greedy, prompt {ids.shape[1]} tokens, {n} new tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
-    base_tps = 1.0 / statistics.median(per_tok["float"])
-    print(f"{'variant':>18} {'tokens/s':>9} {'vs float':>9}")
-    for name, v in per_tok.items():
-        tps = 1.0 / statistics.median(v)
-        print(f"{name:>18} {tps:>9.1f} {tps / base_tps:>8.2f}x")
-    if q4 is None:
-        print(f"Q4_0: {why_q4}")
-    if qkm is None:
-        print(f"Q4_K_M: {why_qkm}")
-    else:
-        kinds = sorted({m.qtype.name for m in qkm.modules() if hasattr(m, "qtype")})
-        print(f"Q4_K_M block types used: {', '.join(kinds)}")
+    ref = 1.0 / statistics.median(wall["llama.cpp Q4_0"]) if llama_run is not None else None
+    print(f"{'variant':>18} {'tokens/s':>9} {'vs llama.cpp':>13} {'CPU ms/token':>13}")
+    for name in wall:
+        tps = 1.0 / statistics.median(wall[name])
+        rel = f"{tps / ref:.2f}x" if ref else "-"
+        print(f"{name:>18} {tps:>9.1f} {rel:>13} {statistics.median(cpu[name]) * 1e3:>13.1f}")
     if llama_run is None:
         print(f"llama.cpp: {llama_what}")
     else:
-        print(f"llama.cpp ran {llama_what} (its own quantization; orientation only)")
-    if "W4 g128 ref" in tokens:
-        same = torch.equal(tokens["W4 g128"], tokens["W4 g128 ref"])
-        print(f"W4 greedy tokens identical with native and reference kernels: {same}")
-    same = torch.equal(tokens["W4 g128"], tokens["W4 g128 dispatcher"])
-    print(f"W4 greedy tokens identical called directly and through the dispatcher: {same}")
+        print(f"llama.cpp ran {llama_what}, the file our Q4_0 variants load")
+    if not args.skip_reference:
+        with Forced("reference"):
+            for name, model in (("Q4_0 runtime", q4.model), ("W4 g128 runtime", w4), ("float runtime", base)):
+                same = torch.equal(tokens[name], hf_generate(model, ids, n, eos))
+                print(f"{name}: tokens equal transformers generate() on the reference kernels: {same}")
 
 
 if __name__ == "__main__":

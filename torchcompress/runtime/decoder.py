@@ -39,19 +39,28 @@ class UnsupportedModelError(InputError):
 
 @dataclass
 class _Block:
-    norm1: nn.Module
+    norm1: Kernel
     qkv: Kernel
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
+    q_norm: Kernel | None
+    k_norm: Kernel | None
     o: Kernel
-    norm2: nn.Module
+    norm2: Kernel
     gate_up: Kernel
     down: Kernel
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+# RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight computed in fp32: for fp32
+# weights torch.rms_norm gives the same bits in one op instead of six (tests check the tokens)
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def _norm(mod: nn.Module):
+    w = getattr(mod, "weight", None)
+    eps = getattr(mod, "variance_epsilon", None)
+    if type(mod).__name__ in _RMS_NORMS and w is not None and w.dtype == torch.float32 and eps is not None:
+        shape = (w.shape[0],)
+        return lambda h: torch.rms_norm(h, shape, w, eps)
+    return mod
 
 
 def _get(obj, path: str, where: str):
@@ -95,11 +104,18 @@ class Decoder:
         pos = torch.arange(max_len, device=device).unsqueeze(0)
         with torch.inference_mode():
             cos, sin = inner.rotary_emb(torch.zeros(1, 1, self.head_dim, dtype=dtype, device=device), pos)
-        self.cos, self.sin = cos.clone(), sin.clone()  # (1, max_len, head_dim)
+        # rotate_half(x) * sin == x.roll(hd / 2) * sin_signed, sin_signed = (-sin[:hd/2], sin[hd/2:]):
+        # negation is exact, so the same bits with one op instead of four
+        half = self.head_dim // 2
+        self.cos = cos.clone()  # (1, max_len, head_dim)
+        self.sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         shape = (len(self.blocks), batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.head_kernel = bind(self.head)
+        self.norm_kernel = _norm(self.norm)
+        self.layer_k = list(self.k_cache.unbind(0))  # (batch, n_kv, max_len, head_dim) views per block
+        self.layer_v = list(self.v_cache.unbind(0))
 
     def _block(self, i: int, layer: nn.Module) -> _Block:
         where = f"model.model.layers.{i}"
@@ -107,10 +123,12 @@ class Decoder:
         q, k, v = (_get(attn, f"{n}_proj", f"{where}.self_attn") for n in "qkv")
         o = _get(attn, "o_proj", f"{where}.self_attn")
         gate, up, down = (_get(mlp, f"{n}_proj", f"{where}.mlp") for n in ("gate", "up", "down"))
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return _Block(
-            norm1=_get(layer, "input_layernorm", where), qkv=bind_rows([q, k, v]),
-            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None), o=bind(o),
-            norm2=_get(layer, "post_attention_layernorm", where), gate_up=bind_rows([gate, up]), down=bind(down),
+            norm1=_norm(_get(layer, "input_layernorm", where)), qkv=bind_rows([q, k, v]),
+            q_norm=None if qn is None else _norm(qn), k_norm=None if kn is None else _norm(kn), o=bind(o),
+            norm2=_norm(_get(layer, "post_attention_layernorm", where)), gate_up=bind_rows([gate, up]),
+            down=bind(down),
         )
 
     @torch.inference_mode()
@@ -131,21 +149,25 @@ class Decoder:
         mask = None
         if T > 1 and pos > 0:  # a prompt continued after cached tokens: causal over the new rows
             mask = torch.ones(T, end, dtype=torch.bool, device=h.device).tril(pos)
+        half = hd // 2
+        nqk = nh + nkv if self.blocks and self.blocks[0].q_norm is None else 0  # q and k roped together
         for i, b in enumerate(self.blocks):
             x = b.norm1(h).reshape(B * T, H)
-            q, k, v = b.qkv(x).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
-            q = q.reshape(B, T, nh, hd)
-            k = k.reshape(B, T, nkv, hd)
-            if b.q_norm is not None:
-                q, k = b.q_norm(q), b.k_norm(k)
-            q = q.transpose(1, 2)  # (B, nh, T, hd)
-            k = k.transpose(1, 2)
-            v = v.reshape(B, T, nkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.k_cache[i, :, :, pos:end] = k
-            self.v_cache[i, :, :, pos:end] = v
-            kk, vv = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
+            qkv = b.qkv(x)
+            if nqk:
+                qk = qkv[:, :nqk * hd].reshape(B, T, nqk, hd).transpose(1, 2)  # (B, nh + nkv, T, hd)
+                qk = qk * cos + qk.roll(half, -1) * sin
+                q, k = qk[:, :nh], qk[:, nh:]
+            else:
+                q = b.q_norm(qkv[:, :nh * hd].reshape(B, T, nh, hd)).transpose(1, 2)
+                k = b.k_norm(qkv[:, nh * hd:(nh + nkv) * hd].reshape(B, T, nkv, hd)).transpose(1, 2)
+                q = q * cos + q.roll(half, -1) * sin
+                k = k * cos + k.roll(half, -1) * sin
+            v = qkv[:, (nh + nkv) * hd:].reshape(B, T, nkv, hd).transpose(1, 2)
+            kc, vc = self.layer_k[i], self.layer_v[i]
+            kc[:, :, pos:end] = k
+            vc[:, :, pos:end] = v
+            kk, vv = kc[:, :, :end], vc[:, :, :end]
             if T == 1:  # query heads packed per KV head: (B, nkv, nh / nkv, hd), no repeat of K/V
                 a = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), kk, vv, scale=self.scaling)
             else:
@@ -156,7 +178,7 @@ class Decoder:
             x = b.norm2(h).reshape(B * T, H)
             g, u = b.gate_up(x).chunk(2, dim=-1)
             h = h + b.down(F.silu(g) * u).reshape(B, T, H)
-        last = self.norm(h[:, -1])  # (B, H)
+        last = self.norm_kernel(h[:, -1])  # (B, H)
         return self.head_kernel(last)
 
 
