@@ -90,9 +90,23 @@ void int8_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int6
       const int64_t c0 = g * p.gs;
       const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
       const __m512 vz = _mm512_set1_ps(load_zero(p, n, g));
-      __m512 acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < len; j += 16) {
+      __m512 acc[MB], acc2[MB];  // acc2: a second FMA chain for up to 4 rows of x (32 codes per step)
+      for (int m = 0; m < MB; ++m) acc[m] = acc2[m] = _mm512_setzero_ps();
+      int64_t j = 0;
+      if constexpr (MB <= 4) {
+        for (; j + 32 <= len; j += 32) {
+          const uint8_t* c = row + c0 + j;
+          _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetchBytes, _MM_HINT_T0);
+          const __m512 w0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)))), vz);
+          const __m512 w1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))), vz);
+          for (int m = 0; m < MB; ++m) {
+            const float* xm = q.xa + (m0 + m) * q.ldx + c0 + j;
+            acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m]);
+            acc2[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc2[m]);
+          }
+        }
+      }
+      for (; j < len; j += 16) {
         __m512 w;
         if (j + 16 <= len) {
           w = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c0 + j)))), vz);
@@ -104,7 +118,7 @@ void int8_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int6
           acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(q.xa + (m0 + m) * q.ldx + c0 + j), acc[m]);
       }
       const __m512 vs = _mm512_set1_ps(scale_at(p, n, g));
-      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m], acc2[m]), vs, tot[m]);
     }
     const float bias = p.bias ? p.bias[n] : 0.0f;
     for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(tot[m]) + bias;
