@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..regimes import Regime, regime_for
-from .int_linear import (_DEQUANT_CONFIGS, _DOT_CONFIGS, _GEMV_CONFIGS, interpreting, launch, launch_small, m_bucket,
+from .int_linear import (_DEQUANT_CONFIGS, _DOT_CONFIGS, _GEMV_CONFIGS, cdiv, interpreting, launch, launch_small, m_bucket,
                          run_regime, split_k)
 
 # GGMLType value -> (weights, bytes) per block
@@ -182,7 +182,7 @@ def triton_gguf_dequantize(blocks: torch.Tensor, qtype: int, in_features: int, d
     blocks = blocks.contiguous()
     w = torch.empty(n, k, device=blocks.device, dtype=dtype)
     interp = interpreting()
-    grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"]))  # noqa: E731
+    grid = lambda c: (cdiv(n, c["BLOCK_N"]), cdiv(k, c["BLOCK_K"]))  # noqa: E731
     (launch_small if interp else launch)(_dequant_kernel if interp else _dequant_tuned, grid, blocks, w, n, k,
                                          blocks.shape[1], QTYPE=int(qtype))
     return w
@@ -208,14 +208,14 @@ def triton_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[tor
     go = launch_small if interp else launch
 
     def gemv(out, block_m):
-        m_blocks = triton.cdiv(m, block_m)
-        split = split_k(triton.cdiv(n, 16 if interp else 64), m_blocks, k, x.device)
-        grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
+        m_blocks = cdiv(m, block_m)
+        split = split_k(cdiv(n, 16 if interp else 64), m_blocks, k, x.device)
+        grid = lambda c: (cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
         go(_gemv_kernel if interp else _gemv_tuned, grid, x2, blocks, out, m, n, k, blocks.shape[1], x2.stride(0),
            out.stride(0), split, QTYPE=qtype, BLOCK_M=block_m)
 
     def dot(out):
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))  # noqa: E731
+        grid = lambda c: (cdiv(m, c["BLOCK_M"]), cdiv(n, c["BLOCK_N"]))  # noqa: E731
         go(_dot_kernel if interp else _dot_tuned, grid, x2, blocks, bias if bias is not None else out, out, m, n, k,
            blocks.shape[1], x2.stride(0), out.stride(0), m_bucket(m), QTYPE=qtype, HAS_BIAS=bias is not None,
            IEEE=x.dtype == torch.float32, UPCAST=interp)

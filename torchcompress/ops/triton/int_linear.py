@@ -23,6 +23,7 @@ bucket; ``TORCHCOMPRESS_TRITON_AUTOTUNE=0`` takes the first configuration, tunin
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -161,6 +162,11 @@ def launch_small(kernel, grid, *args, **meta) -> None:
     kernel[grid(cfg)](*args, **meta, **cfg)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a JIT function: microseconds per Python call)."""
+    return -(-a // b)
+
+
 def m_bucket(m: int) -> int:
     """The autotuning key for the batch: the next power of two, so that a new prompt length reuses
     the tuned configuration of its bucket instead of benchmarking every configuration again."""
@@ -171,12 +177,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def split_k(n_blocks: int, m_blocks: int, k: int, device: torch.device) -> int:
     """Enough K slices that the grid covers the GPU about SPLIT_WAVES times over (decode on small layers)."""
     if device.type != "cuda":
         return 2 if k > 64 else 1  # interpreter: exercise the atomic partial sums
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(SPLIT_WAVES * sms, max(n_blocks * m_blocks, 1)), triton.cdiv(k, 256), 16))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(cdiv(SPLIT_WAVES * sms, max(n_blocks * m_blocks, 1)), cdiv(k, 256), 16))
 
 
 def run_regime(regime: Regime, x2: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], out_dtype,
@@ -186,7 +197,7 @@ def run_regime(regime: Regime, x2: torch.Tensor, n: int, k: int, bias: Optional[
     m = x2.shape[0]
     if regime is Regime.GEMV:
         out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
-        gemv(out, min(GEMV_BLOCK_M, triton.next_power_of_2(m)))
+        gemv(out, min(GEMV_BLOCK_M, 1 << (m - 1).bit_length()))
         if bias is not None:
             out += bias.float()
         return out.to(out_dtype)
@@ -218,7 +229,7 @@ class _Weight:
     def dequantize(self, n: int, k: int, dtype, device) -> torch.Tensor:
         w = torch.empty(n, k, device=device, dtype=dtype)
         interp = interpreting()
-        grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"]))  # noqa: E731
+        grid = lambda c: (cdiv(n, c["BLOCK_N"]), cdiv(k, c["BLOCK_K"]))  # noqa: E731
         (launch_small if interp else launch)(_dequant_kernel if interp else _dequant_tuned, grid, self.qw, self.scale,
                                              self.zp, w, n, k, self.row_len, self.s_rs, self.s_gs,
                                              LAYOUT=self.layout, **self.meta)
@@ -261,15 +272,15 @@ def triton_int_linear(
     go = launch_small if interp else launch
 
     def gemv(out, block_m):
-        m_blocks = triton.cdiv(m, block_m)
-        split = split_k(triton.cdiv(n, 16 if interp else 64), m_blocks, k, x.device)
-        grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
+        m_blocks = cdiv(m, block_m)
+        split = split_k(cdiv(n, 16 if interp else 64), m_blocks, k, x.device)
+        grid = lambda c: (cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
         go(_gemv_kernel if interp else _gemv_tuned, grid, x2, pw.qw, pw.scale, pw.zp, out, m, n, k, pw.row_len,
            pw.s_rs, pw.s_gs, x2.stride(0), out.stride(0), split, LAYOUT=pw.layout, BLOCK_M=block_m, **pw.meta)
 
     def dot(out):
         kn = qweight_kn is not None and pw.words
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))  # noqa: E731
+        grid = lambda c: (cdiv(m, c["BLOCK_M"]), cdiv(n, c["BLOCK_N"]))  # noqa: E731
         # UPCAST: Triton's interpreter computes tl.dot of bf16/fp16 operands wrongly (garbage results),
         # so there the rounded half operands are multiplied as fp32; on CUDA tensor cores take them as is.
         go(_dot_kernel if interp else _dot_tuned, grid, x2, qweight_kn if kn else pw.qw, pw.scale, pw.zp,
