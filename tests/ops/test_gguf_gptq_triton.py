@@ -45,10 +45,10 @@ def _close(got, ref, what):
                                msg=lambda s: f"{what}: {s}")
 
 
-def _check_gguf(qtype, m, path):
+def _check_gguf(qtype, m, path, k=None):
     from torchcompress.ops.triton.gguf_linear import triton_gguf_linear
 
-    k = 512 if qtype in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS) else 96
+    k = k or (512 if qtype in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS) else 96)
     n = 17
     w = torch.randn(n, k)
     w[0, :32] = 0.0  # an all-zero block
@@ -64,6 +64,11 @@ def _check_gguf(qtype, m, path):
 @pytest.mark.parametrize("case", FAST, ids=[f"{t.name}-m{m}-{p}" for t, m, p in FAST])
 def test_triton_gguf_matches_reference(case):
     _check_gguf(*case)
+
+
+def test_triton_gguf_gemv_one_k_slice():
+    """K=64: one K slice under the interpreter, so the GEMV adds the bias and casts in the kernel."""
+    _check_gguf(GGMLType.Q8_0, 3, "gemv", k=64)
 
 
 @pytest.mark.slow

@@ -133,7 +133,8 @@ def test_m_bucket():
 
 
 def test_triton_bf16_and_3d_input(kernel):
-    _check(kernel, 17, 100, 32, 4, True, 2, "gemv", torch.bfloat16)
+    _check(kernel, 17, 100, 32, 4, True, 2, "gemv", torch.bfloat16)  # two K slices: fp32 atomics, then the cast
+    _check(kernel, 7, 64, 32, 4, False, 3, "gemv", torch.bfloat16)  # one K slice: bias and cast in the kernel
     _check(kernel, 17, 256, 32, 4, False, 17, "dot", torch.bfloat16)
     _check(kernel, 17, 256, 32, 4, False, 17, "dequant", torch.bfloat16)
     q = quantize_affine(torch.randn(8, 64), QuantScheme(bits=4, group_size=32))

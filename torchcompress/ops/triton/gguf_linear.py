@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ..regimes import Regime, regime_for
-from .int_linear import (_DEQUANT_CONFIGS, _DOT_CONFIGS, _GEMV_CONFIGS, cdiv, interpreting, launch, launch_small, m_bucket,
-                         run_regime, split_k)
+from .int_linear import (_DEQUANT_CONFIGS, _DOT_CONFIGS, _GEMV_CONFIGS, cdiv, gemv_epilogue, interpreting, launch,
+                         launch_small, m_bucket, run_regime)
 
 # GGMLType value -> (weights, bytes) per block
 GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210), 20: (32, 18), 23: (256, 136)}
@@ -112,8 +112,9 @@ def _gguf_tile(b_ptr, offs_n, offs_k, N, K_lim, row_bytes, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, b_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, SPLIT_K,
-                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, SPLIT_K,
+                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -130,8 +131,7 @@ def _gemv_kernel(x_ptr, b_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om
             k_lim = tl.where(m0 + i < M, k_end, k_start)  # a row past M reads nothing
             xv = tl.load(x_ptr + (m0 + i) * stride_xm + offs_k, mask=offs_k < k_lim, other=0.0).to(tl.float32)
             acc = tl.where(rows[:, None] == i, acc + tl.sum(w * xv[None, :], axis=1)[None, :], acc)
-    omask = ((m0 + rows) < M)[:, None] & (offs_n < N)[None, :]
-    tl.atomic_add(out_ptr + (m0 + rows)[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc, mask=omask)
+    gemv_epilogue(acc, bias_ptr, out_ptr, m0 + rows, offs_n, M, N, stride_om, HAS_BIAS, DIRECT)
 
 
 @triton.jit
@@ -207,12 +207,11 @@ def triton_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[tor
     interp = interpreting()
     go = launch_small if interp else launch
 
-    def gemv(out, block_m):
-        m_blocks = cdiv(m, block_m)
-        split = split_k(cdiv(n, 16 if interp else 64), m_blocks, k, x.device)
+    def gemv(out, block_m, m_blocks, split):
         grid = lambda c: (cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
-        go(_gemv_kernel if interp else _gemv_tuned, grid, x2, blocks, out, m, n, k, blocks.shape[1], x2.stride(0),
-           out.stride(0), split, QTYPE=qtype, BLOCK_M=block_m)
+        go(_gemv_kernel if interp else _gemv_tuned, grid, x2, blocks, bias if bias is not None else out, out, m, n, k,
+           blocks.shape[1], x2.stride(0), out.stride(0), split, QTYPE=qtype, HAS_BIAS=bias is not None,
+           DIRECT=split == 1, BLOCK_M=block_m)
 
     def dot(out):
         grid = lambda c: (cdiv(m, c["BLOCK_M"]), cdiv(n, c["BLOCK_N"]))  # noqa: E731

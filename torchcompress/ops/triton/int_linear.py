@@ -7,7 +7,8 @@ per-device crossovers:
 * ``_gemv_kernel`` (GEMV, decode): split-K; one program per (BLOCK_N outputs, K slice, up to
   BLOCK_M rows of x), so each packed word is read once for all rows (M <= 8: once per call); the
   weight tile is unpacked in registers (int32 words with vector loads where rows are whole words,
-  bytes otherwise), fp32 accumulation, the K slices added atomically into an fp32 output.
+  bytes otherwise), fp32 accumulation; the K slices added atomically into a zeroed fp32 output, or,
+  with one slice (the grid already fills the GPU), bias and cast fused: a single launch.
 * ``_dot_kernel`` (DOT, batch 16..128): BLOCK_M x BLOCK_N output tiles, ``tl.dot`` of the x tile and
   the weight tile unpacked in registers, fp32 accumulation, a K loop that Triton software-pipelines
   (``num_stages`` of the configurations). Reads the checkpoint's row-major codes, or the K-major
@@ -54,9 +55,10 @@ def _w_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K_lim, row_len, s_rs,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, row_len, s_rs, s_gs, stride_xm, stride_om,
-                 SPLIT_K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, CROSS: tl.constexpr,
-                 LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, row_len, s_rs, s_gs, stride_xm,
+                 stride_om, SPLIT_K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, CROSS: tl.constexpr,
+                 LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -75,8 +77,21 @@ def _gemv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, row_len, 
             xv = tl.load(x_ptr + (m0 + i) * stride_xm + offs_k, mask=offs_k < k_lim, other=0.0).to(tl.float32)
             part = tl.sum(w * xv[None, :], axis=1)  # (BLOCK_N,)
             acc = tl.where(rows[:, None] == i, acc + part[None, :], acc)
-    omask = ((m0 + rows) < M)[:, None] & (offs_n < N)[None, :]
-    tl.atomic_add(out_ptr + (m0 + rows)[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc, mask=omask)
+    gemv_epilogue(acc, bias_ptr, out_ptr, m0 + rows, offs_n, M, N, stride_om, HAS_BIAS, DIRECT)
+
+
+@triton.jit
+def gemv_epilogue(acc, bias_ptr, out_ptr, rows, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+    """DIRECT (one K slice): the program owns its outputs, adds the bias and stores in the output's dtype
+    (one launch in all); else fp32 partial sums added atomically into a zeroed fp32 output."""
+    omask = (rows < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=omask)
 
 
 @triton.jit
@@ -192,12 +207,19 @@ def split_k(n_blocks: int, m_blocks: int, k: int, device: torch.device) -> int:
 
 def run_regime(regime: Regime, x2: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], out_dtype,
                gemv, dot, dequant_weight) -> torch.Tensor:
-    """The shared driver of the int and GGUF kernels: ``gemv(out_fp32, block_m)``, ``dot(out)`` launch
-    their kernels; ``dequant_weight()`` returns the dense (N, K) weight in ``out_dtype``."""
+    """The shared driver of the int and GGUF kernels: ``gemv(out, block_m, m_blocks, split)`` and
+    ``dot(out)`` launch their kernels; ``dequant_weight()`` returns the dense (N, K) weight in ``out_dtype``."""
     m = x2.shape[0]
     if regime is Regime.GEMV:
+        block_m = min(GEMV_BLOCK_M, 1 << (m - 1).bit_length())
+        m_blocks = cdiv(m, block_m)
+        split = split_k(cdiv(n, 16 if interpreting() else 64), m_blocks, k, x2.device)
+        if split == 1:  # the kernel adds the bias and writes x's dtype itself
+            out = torch.empty(m, n, device=x2.device, dtype=out_dtype)
+            gemv(out, block_m, m_blocks, split)
+            return out
         out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
-        gemv(out, min(GEMV_BLOCK_M, 1 << (m - 1).bit_length()))
+        gemv(out, block_m, m_blocks, split)
         if bias is not None:
             out += bias.float()
         return out.to(out_dtype)
@@ -271,12 +293,11 @@ def triton_int_linear(
     interp = interpreting()
     go = launch_small if interp else launch
 
-    def gemv(out, block_m):
-        m_blocks = cdiv(m, block_m)
-        split = split_k(cdiv(n, 16 if interp else 64), m_blocks, k, x.device)
+    def gemv(out, block_m, m_blocks, split):
         grid = lambda c: (cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
-        go(_gemv_kernel if interp else _gemv_tuned, grid, x2, pw.qw, pw.scale, pw.zp, out, m, n, k, pw.row_len,
-           pw.s_rs, pw.s_gs, x2.stride(0), out.stride(0), split, LAYOUT=pw.layout, BLOCK_M=block_m, **pw.meta)
+        go(_gemv_kernel if interp else _gemv_tuned, grid, x2, pw.qw, pw.scale, pw.zp,
+           bias if bias is not None else out, out, m, n, k, pw.row_len, pw.s_rs, pw.s_gs, x2.stride(0), out.stride(0),
+           split, LAYOUT=pw.layout, HAS_BIAS=bias is not None, DIRECT=split == 1, BLOCK_M=block_m, **pw.meta)
 
     def dot(out):
         kn = qweight_kn is not None and pw.words
