@@ -74,8 +74,9 @@ def _check(kernel, n, k, gs, bits, sym, m, path, dtype=torch.float32):
     ref = _reference(x, qw, scale, zero, bias, bits, q.group_size, k)
     got = kernel.triton_int_linear(x, qw, scale, zero, bias, bits, q.group_size, k, path)
     assert got.shape == ref.shape and got.dtype == ref.dtype
-    # measured under the interpreter: fp32 <= 6.2e-7 of max|y| (summation order); bf16 <= 8e-3 (the
-    # kernels round once at the end, the reference's bf16 F.linear differently)
+    # measured under the interpreter (the FAST cases and the bf16 ones below, seeds 0-2): fp32 <= 7.6e-7
+    # of max|y| (summation order); bf16 <= 1.5e-2 of max|y| (the reference rounds the dequantized
+    # weight to bf16 before its matmul, the GEMV multiplies fp32 weights and rounds once at the end)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     atol = tol * max(ref.float().abs().max().item(), 1e-6)
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=atol, msg=lambda s: f"{(n, k, gs, bits, sym, m, path)}: {s}")
