@@ -169,7 +169,6 @@ def w4_rows(args, dev, shapes, batches, bw):
             print(f"W4 g{GROUP} {k:>5}x{n:<5} batch {m:>4}: auto={row['auto_regime']:<7} "
                   + " ".join(f"{name} {r:5.2f}x" for name, r in row["ratio_vs_fp16"].items()) + frac
                   + f" (max err {max(err.values()):.1e})", flush=True)
-        del w, qw, scale, qkn, w_hat
     if args.dry:  # the interpreter's times would make a meaningless table: the bench only proves it runs
         return rows, None
     return rows, suggested_crossovers(rows, Regime)
@@ -211,7 +210,6 @@ def fp8_rows(args, dev, shapes, batches):
             ms = {"bf16": kernel_ms(lambda: F.linear(x, w), args), "fp8": kernel_ms(lambda: fp8(x), args)}
             rows.append({"in": k, "out": n, "batch": m, "fp8_path": path, "ms": ms, "ratio_vs_bf16": ms["bf16"] / ms["fp8"]})
             print(f"FP8 W8A8 {k:>5}x{n:<5} batch {m:>4}: {path} {rows[-1]['ratio_vs_bf16']:5.2f}x bf16", flush=True)
-        del lin, fp8, w
     return rows
 
 

@@ -4,8 +4,8 @@ against their references, on CPU under ``TRITON_INTERPRET=1`` (and on CUDA when 
 GGUF: N off the 16-row block, several blocks per row, each regime: GEMV (split-K partial sums, several
 rows of x per program), ``tl.dot`` tiles, dequantize + F.linear. GPTQ act-order: the int_linear Triton
 kernels on columns sorted by group (primitives/act_order.py), each regime, with K=100 (a partial last
-group, rows of bytes) and K=128 (rows of int32 words). Measured errors under the interpreter (FAST, seeds 0-1) <= 5.4e-7 of
-max|y|; tolerance fp32 1e-5 as for the other kernels. The full matrix is marked slow (the
+group, rows of bytes) and K=128 (rows of int32 words). Measured errors under the interpreter (FAST,
+seeds 0-1) <= 5.4e-7 of max|y|; tolerance fp32 1e-5 as for the other kernels. The full matrix is marked slow (the
 interpreter needs about a second per launch).
 """
 
