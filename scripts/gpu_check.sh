@@ -44,7 +44,8 @@ run|dry)
     export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     TESTS=(tests/ops/test_int_linear_triton.py tests/ops/test_gguf_gptq_triton.py tests/ops/test_gptq_block_triton.py
            tests/ops/test_regimes.py tests/ops/test_fp8_kernel.py tests/ops/test_compile_ops.py
-           tests/primitives/test_kernel_layout.py tests/telemetry/test_hooks.py tests/prune/test_gradual_semi.py)
+           tests/ops/test_triton_aot.py tests/primitives/test_kernel_layout.py tests/telemetry/test_hooks.py
+           tests/prune/test_gradual_semi.py)
     if [ "$mode" = dry ]; then
         export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
         python3 -c "import torch, triton; print('DRY RUN on CPU: torch', torch.__version__, 'triton', triton.__version__)" || exit 1

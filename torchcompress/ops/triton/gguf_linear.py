@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 
 from ..regimes import Regime, regime_for
-from .int_linear import (_DEQUANT_CONFIGS, _DOT_CONFIGS, _GEMV_CONFIGS, cdiv, gemv_epilogue, interpreting, launch,
-                         launch_small, m_bucket, run_regime)
+from .int_linear import _configs, cdiv, gemv_epilogue, interpreting, launch, launch_small, m_bucket, run_regime
 
 # GGMLType value -> (weights, bytes) per block
 GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210), 20: (32, 18), 23: (256, 136)}
@@ -170,10 +169,19 @@ def _dequant_kernel(b_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr, BLOCK_
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
-_dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"])(_dot_kernel)
-_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE", "BLOCK_M"],
+# Smaller tiles than the int kernels': decoding a ggml weight takes several byte loads and more live
+# values, and larger tiles spill (ptxas on sm_90, scripts/triton_aot_check.py: none of these spill
+# for Q8_0, Q4_K and Q6_K; e.g. a 16x64x64 tl.dot tile spilled 448-536 bytes for the K-quants).
+_GGUF_DOT_CONFIGS = _configs([(16, 64, 32, 4, 3), (16, 32, 64, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3),
+                              (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+_GGUF_GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 8, 3), (4, 1024, 4, 2)],
+                              ("BLOCK_N", "BLOCK_K"))
+_GGUF_DEQUANT_CONFIGS = _configs([(16, 64, 4, 1), (32, 64, 4, 1), (8, 256, 4, 1), (32, 128, 8, 1)],
+                                 ("BLOCK_N", "BLOCK_K"))
+_dot_tuned = triton.autotune(configs=_GGUF_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"])(_dot_kernel)
+_gemv_tuned = triton.autotune(configs=_GGUF_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE", "BLOCK_M"],
                               reset_to_zero=["out_ptr"])(_gemv_kernel)
-_dequant_tuned = triton.autotune(configs=_DEQUANT_CONFIGS, key=["N", "K", "QTYPE"])(_dequant_kernel)
+_dequant_tuned = triton.autotune(configs=_GGUF_DEQUANT_CONFIGS, key=["N", "K", "QTYPE"])(_dequant_kernel)
 
 
 def triton_gguf_dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
