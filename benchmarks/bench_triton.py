@@ -213,6 +213,33 @@ def fp8_rows(args, dev, shapes, batches):
     return rows
 
 
+# issue 23's acceptance, W4 g128 through the dispatcher (``auto``) vs fp16, per batch: (goal at 8192x8192,
+# goal at the other shapes); FP8 W8A8 vs bf16 at batch >= 256
+W4_GOALS = {1: (2.5, 2.0), 16: (2.0, 2.0), 64: (1.3, 1.3), 2048: (0.95, 0.95)}
+FP8_GOAL = 1.5
+HBM_GOAL = 0.70
+
+
+def acceptance(report: dict) -> list:
+    """Each goal against the measured ratio (None where that cell was not run)."""
+    out = []
+    for r in report["w4_g128"]:
+        goals = W4_GOALS.get(r["batch"])
+        if goals:
+            goal = goals[0] if (r["in"], r["out"]) == (8192, 8192) else goals[1]
+            got = r["ratio_vs_fp16"]["auto"]
+            out.append({"what": f"W4 g128 {r['in']}x{r['out']} batch {r['batch']} vs fp16", "goal": goal,
+                        "measured": got, "met": got >= goal})
+        if r["batch"] == 1 and "hbm_fraction" in r:
+            got = r["hbm_fraction"]["auto"]
+            out.append({"what": f"W4 g128 {r['in']}x{r['out']} batch 1 HBM fraction", "goal": HBM_GOAL,
+                        "measured": got, "met": got >= HBM_GOAL})
+    for r in report["fp8_w8a8"]:
+        out.append({"what": f"FP8 W8A8 {r['in']}x{r['out']} batch {r['batch']} vs bf16 ({r['fp8_path']})",
+                    "goal": FP8_GOAL, "measured": r["ratio_vs_bf16"], "met": r["ratio_vs_bf16"] >= FP8_GOAL})
+    return out
+
+
 def dispatch_overhead(dev) -> dict:
     """Eager per-call microseconds at a tiny shape (64 -> 64, batch 1): host time, launch included."""
     import torchcompress as tc
@@ -298,6 +325,10 @@ def main(argv=None) -> Path | None:
     report["fp8_w8a8"] = fp8_rows(args, dev, shapes, DRY_FP8_BATCHES if args.dry else FP8_BATCHES)  # quick: first
     report["w4_g128"], report["suggested_crossovers"] = w4_rows(args, dev, shapes, batches, bw)
     report["skipped_over_budget"] = args.skipped
+    report["acceptance"] = acceptance(report)  # in a dry run too (exercised), with meaningless values
+    met = sum(a["met"] for a in report["acceptance"])
+    print(("DRY (meaningless) " if args.dry else "") + f"acceptance: {met}/{len(report['acceptance'])} goals met; not met: "
+          + "; ".join(f"{a['what']} {a['measured']:.2f} < {a['goal']}" for a in report["acceptance"] if not a["met"]))
     report["wall_s"] = time.monotonic() - args.t0
     from torchcompress.formats.atomic import atomic_write_bytes
 
