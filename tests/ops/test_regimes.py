@@ -58,3 +58,16 @@ def test_import_does_not_load_triton():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_regime_for_a_non_cuda_device_uses_the_defaults(monkeypatch):
+    import torch
+
+    from torchcompress.ops.regimes import regime_for
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert [regime_for(m, torch.device("cpu")).value for m in BATCHES] == \
+        ["gemv", "gemv", "dot", "dot", "dot", "dequant"]
+    monkeypatch.setenv(ENV_VAR, "gemv=1,dot=16")
+    assert [regime_for(m, torch.device("cpu")).value for m in BATCHES] == \
+        ["gemv", "dot", "dot", "dequant", "dequant", "dequant"]
