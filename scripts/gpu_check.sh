@@ -52,8 +52,10 @@ run|dry)
         timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" -k "not never_loads" "${TESTS[@]}" \
             2>&1 | tee "$out/tests.log" | tail -5
         [ "${PIPESTATUS[0]}" = 0 ] || exit 1
-        timeout 300 python3 benchmarks/bench_triton.py --dry 2>&1 | tee "$out/bench_triton.log" || exit 1
+        timeout 300 python3 benchmarks/bench_triton.py --dry 2>&1 | tee "$out/bench_triton.log"
         [ "${PIPESTATUS[0]}" = 0 ] || exit 1
+        json=$(sed -n 's/^wrote \(.*\.json\) (dry)$/\1/p' "$out/bench_triton.log" | tail -1)
+        [ -n "$json" ] && cp -v "$json" "$out/"
         exit 0
     fi
     nvidia-smi -L
@@ -62,6 +64,9 @@ run|dry)
         -m "gpu or not slow" -k "not never_loads" "${TESTS[@]}" 2>&1 | tee "$out/tests.log" | tail -25
     # autotuned (the numbers are the tuned kernels'); the JSON lands in benchmarks/results/
     timeout 240 python3 benchmarks/bench_triton.py --budget-s 150 2>&1 | tee "$out/bench_triton.log"
+    # the JSON it wrote (named by device and date) beside the logs, for a caller that only gets OUTDIR back
+    json=$(sed -n 's/^wrote \(.*\.json\)$/\1/p' "$out/bench_triton.log" | tail -1)
+    [ -n "$json" ] && cp -v "$json" "$out/"
     if [ "$SECONDS" -lt 270 ]; then  # only while the whole run stays under 6 minutes
         timeout 60 python3 benchmarks/bench_telemetry.py --model random --rounds 15 --calls 20 --seq-len 128 \
             > "$out/bench_telemetry.log" 2>&1
