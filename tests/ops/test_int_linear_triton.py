@@ -161,3 +161,14 @@ def test_cpu_use_never_loads_the_triton_kernels():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("m,path", [(3, "gemv"), (17, "dot"), (17, "dequant")])
+def test_float_zero_points(kernel, m, path):
+    """HQQ-style float zero points (stored like the scale) through every regime."""
+    q = quantize_affine(torch.randn(9, 128), QuantScheme(bits=4, group_size=64, symmetric=False, float_zero=True))
+    assert q.zero.is_floating_point()
+    args = (pack(q.codes, 4).to(DEVICE), q.scale.to(DEVICE), q.zero.to(DEVICE), None, 4, 64, 128)
+    x = torch.randn(m, 128, device=DEVICE)
+    ref = _reference(x, *args)
+    torch.testing.assert_close(kernel.triton_int_linear(x, *args, path), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
