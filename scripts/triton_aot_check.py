@@ -3,7 +3,8 @@
     python scripts/triton_aot_check.py            # sm_90 (H100/H200), every autotuning configuration
     python scripts/triton_aot_check.py --arch 80  # sm_80 (A100)
 
-Prints registers and spill bytes (ptxas -v) per kernel and configuration; exits 1 if any fails to
+Prints registers and spill bytes (ptxas -v), the 128-bit loads in the PTX (``ld.global.v4``, 16-byte
+``cp.async``) and the async copies (a software-pipelined K loop) per kernel and configuration; exits 1 if any fails to
 compile. Configurations that spill are candidates to drop from the autotuning lists before a GPU
 session spends its minutes on them.
 """
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
             continue
         flag = "  SPILLS" if c.spill_bytes else ""
         print(f"ok   {fn.__name__:<16} {shown:<60} warps={warps} stages={stages} regs={c.registers} "
-              f"spill={c.spill_bytes}{flag}", flush=True)
+              f"spill={c.spill_bytes} 128-bit-loads={c.wide_loads} cp.async={c.async_copies}{flag}", flush=True)
     print(f"sm_{args.arch}: {len(variants) - failed}/{len(variants)} compiled in {time.time() - t0:.0f} s")
     return 1 if failed else 0
 

@@ -1,12 +1,14 @@
 """The Triton kernels compiled for sm_90 here, without a GPU (the interpreter accepts programs the
 compiler refuses): every regime's kernel for int W4 g128 and GGUF Q8_0/Q4_K/Q6_K at the first
 configuration of each autotuning list (what TORCHCOMPRESS_TRITON_AUTOTUNE=0 runs), down to a cubin
-with the ptxas of the triton wheel, and none of them spills registers. In a subprocess: the kernels
-must be imported with TRITON_INTERPRET unset, and this test process has it set."""
+with the ptxas of the triton wheel. None spills registers; the int kernels read their packed words
+with 128-bit loads, and the tl.dot kernel's K loop is software-pipelined (async copies). In a
+subprocess: the kernels must be imported with TRITON_INTERPRET unset, and this test process has it set."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 
-def test_kernels_compile_for_sm90_without_spills():
+def test_kernels_compile_for_sm90():
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -32,3 +34,11 @@ def test_kernels_compile_for_sm90_without_spills():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("ok ", "FAIL"))]
     assert len(lines) == 16 and all(ln.startswith("ok ") for ln in lines), res.stdout[-3000:]
     assert not [ln for ln in lines if "SPILLS" in ln], "\n".join(ln for ln in lines if "SPILLS" in ln)
+
+    def num(line, key):
+        return int(re.search(rf"{key}=(\d+)", line).group(1))
+
+    ints = [ln for ln in lines if "QTYPE" not in ln]
+    assert len(ints) == 7
+    assert all(num(ln, "128-bit-loads") > 0 for ln in ints), "\n".join(ints)
+    assert all(num(ln, "cp.async") > 0 for ln in ints if "_dot_kernel" in ln), "\n".join(ints)

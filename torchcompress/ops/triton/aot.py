@@ -27,6 +27,8 @@ class Compiled:
     num_stages: int
     registers: Optional[int]
     spill_bytes: Optional[int]  # spill stores + loads reported by ptxas
+    wide_loads: int  # 128-bit loads in the PTX: ld.global ... .v4 and 16-byte cp.async
+    async_copies: int  # cp.async global -> shared copies: the K loop is software-pipelined
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
@@ -45,19 +47,31 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
     return (int(regs.group(1)) if regs else None), (sum(spills) if spills else None)
 
 
+# what Triton's launcher specializes as divisible by 16 when the values are (pointers from torch's
+# allocator; sizes and strides of 4096-like shapes): compiled that way, as a GPU run of those shapes would
+DIVISIBLE = ("x_ptr", "qw_ptr", "b_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "out_ptr", "N", "K", "row_len",
+             "row_bytes", "s_rs", "stride_xm", "stride_om")
+
+
 def compile_kernel(fn, types: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
                    num_stages: int = 3) -> Compiled:
     """``fn`` (a ``@triton.jit`` function) compiled for ``sm_<arch>``; ``types``: argument name ->
-    Triton type (``*fp16``, ``i32`` ...; unnamed non-constexpr arguments are i32)."""
+    Triton type (``*fp16``, ``i32`` ...; unnamed non-constexpr arguments are i32). Arguments named in
+    :data:`DIVISIBLE` are declared divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in DIVISIBLE and sig[name] != "constexpr"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-    regs, spills = _ptxas_stats(k.asm["ptx"], arch)
-    return Compiled(fn.__name__, dict(constexprs), num_warps, num_stages, regs, spills)
+    ptx = k.asm["ptx"]
+    regs, spills = _ptxas_stats(ptx, arch)
+    cp = re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*", ptx)
+    wide = len(re.findall(r"ld\.global[.a-z0-9]*\.v4\.", ptx)) + sum(", 0x10" in c or ", 16" in c for c in cp)
+    return Compiled(fn.__name__, dict(constexprs), num_warps, num_stages, regs, spills, wide, len(cp))
 
 
 def int_kernel_variants(dtype: str = "fp16", configs: bool = True):
@@ -71,17 +85,17 @@ def int_kernel_variants(dtype: str = "fp16", configs: bool = True):
     for cfg in pick(il._GEMV_CONFIGS):
         for block_m in (1, 8):
             for direct in (True, False):
-                meta = dict(BITS=4, GS=128, HAS_ZERO=False, CROSS=False, LAYOUT=il.WORDS_NK, HAS_BIAS=False,
+                meta = dict(BITS=4, GS=128, HAS_ZERO=False, CROSS=False, VEC=True, LAYOUT=il.WORDS_NK, HAS_BIAS=False,
                             DIRECT=direct, BLOCK_M=block_m, **cfg.kwargs)
                 yield il._gemv_kernel, dict(base, out_ptr=base["out_ptr"] if direct else "*fp32"), meta, \
                     cfg.num_warps, cfg.num_stages
     for cfg in pick(il._DOT_CONFIGS):
         for layout in (il.WORDS_NK, il.WORDS_KN):
-            meta = dict(BITS=4, GS=128, HAS_ZERO=True, CROSS=False, LAYOUT=layout, HAS_BIAS=True, IEEE=False,
+            meta = dict(BITS=4, GS=128, HAS_ZERO=True, CROSS=False, VEC=True, LAYOUT=layout, HAS_BIAS=True, IEEE=False,
                         UPCAST=False, **cfg.kwargs)
             yield il._dot_kernel, base, meta, cfg.num_warps, cfg.num_stages
     for cfg in pick(il._DEQUANT_CONFIGS):
-        meta = dict(BITS=4, GS=128, HAS_ZERO=False, CROSS=False, LAYOUT=il.WORDS_NK, **cfg.kwargs)
+        meta = dict(BITS=4, GS=128, HAS_ZERO=False, CROSS=False, VEC=True, LAYOUT=il.WORDS_NK, **cfg.kwargs)
         yield il._dequant_kernel, base, meta, cfg.num_warps, cfg.num_stages
 
 

@@ -170,12 +170,13 @@ def _dequant_kernel(b_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr, BLOCK_
 
 
 # Smaller tiles than the int kernels': decoding a ggml weight takes several byte loads and more live
-# values, and larger tiles spill (ptxas on sm_90, scripts/triton_aot_check.py: none of these spill
-# for Q8_0, Q4_K and Q6_K; e.g. a 16x64x64 tl.dot tile spilled 448-536 bytes for the K-quants).
+# values, and larger tiles spill (ptxas on sm_90, scripts/triton_aot_check.py: with the int kernels'
+# tl.dot configurations a 16x128x128 tile spilled 1560 bytes for Q8_0 and 3410 for Q6_K; the lists
+# below are checked there for Q8_0, Q4_K and Q6_K).
 _GGUF_DOT_CONFIGS = _configs([(16, 64, 32, 4, 3), (16, 32, 64, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3),
                               (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-_GGUF_GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 8, 3), (4, 1024, 4, 2)],
-                              ("BLOCK_N", "BLOCK_K"))
+_GGUF_GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (32, 128, 4, 3), (8, 256, 4, 3), (16, 256, 8, 3),
+                               (4, 512, 4, 3)], ("BLOCK_N", "BLOCK_K"))  # (16, 512, 8 warps) spilled for Q4_K/Q6_K
 _GGUF_DEQUANT_CONFIGS = _configs([(16, 64, 4, 1), (32, 64, 4, 1), (8, 256, 4, 1), (32, 128, 8, 1)],
                                  ("BLOCK_N", "BLOCK_K"))
 _dot_tuned = triton.autotune(configs=_GGUF_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"])(_dot_kernel)

@@ -46,10 +46,10 @@ BYTES, WORDS_NK, WORDS_KN = 0, 1, 2
 @triton.jit
 def _w_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K_lim, row_len, s_rs, s_gs, BITS: tl.constexpr,
                GS: tl.constexpr, HAS_ZERO: tl.constexpr, CROSS: tl.constexpr, LAYOUT: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     if LAYOUT == 1:
         return words_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K_lim, row_len, s_rs, s_gs,
-                             BITS, GS, HAS_ZERO, BLOCK_N, BLOCK_K)
+                             BITS, GS, HAS_ZERO, BLOCK_N, BLOCK_K, VEC)
     return bytes_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0 + tl.arange(0, BLOCK_K), N, K_lim, row_len,
                          s_rs, s_gs, BITS, GS, HAS_ZERO, CROSS)
 
@@ -57,7 +57,7 @@ def _w_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K_lim, row_len, s_rs,
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, row_len, s_rs, s_gs, stride_xm,
                  stride_om, SPLIT_K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, CROSS: tl.constexpr,
-                 LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 VEC: tl.constexpr, LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -70,7 +70,7 @@ def _gemv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         w = _w_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, k_end, row_len, s_rs, s_gs,
-                       BITS, GS, HAS_ZERO, CROSS, LAYOUT, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), read once
+                       BITS, GS, HAS_ZERO, CROSS, LAYOUT, BLOCK_N, BLOCK_K, VEC)  # (BLOCK_N, BLOCK_K), read once
         offs_k = k0 + tl.arange(0, BLOCK_K)
         for i in tl.static_range(BLOCK_M):  # every row of x against the same tile
             k_lim = tl.where(m0 + i < M, k_end, k_start)  # a row past M reads nothing
@@ -97,7 +97,7 @@ def gemv_epilogue(acc, bias_ptr, out_ptr, rows, offs_n, M, N, stride_om, HAS_BIA
 @triton.jit
 def _dot_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, row_len, s_rs, s_gs,
                 stride_xm, stride_om, M_BUCKET, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                CROSS: tl.constexpr, LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                CROSS: tl.constexpr, VEC: tl.constexpr, LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -113,7 +113,7 @@ def _dot_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
                                BLOCK_N, BLOCK_K)  # (BLOCK_K, BLOCK_N)
         else:
             wt = tl.trans(_w_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, row_len, s_rs, s_gs,
-                                     BITS, GS, HAS_ZERO, CROSS, LAYOUT, BLOCK_N, BLOCK_K))
+                                     BITS, GS, HAS_ZERO, CROSS, LAYOUT, BLOCK_N, BLOCK_K, VEC))
         if IEEE:
             acc += tl.dot(xt.to(tl.float32), wt, input_precision="ieee")
         elif UPCAST:  # same products (half x half is exact in fp32), for Triton's interpreter
@@ -129,12 +129,12 @@ def _dot_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
 
 @triton.jit
 def _dequant_kernel(qw_ptr, scale_ptr, zero_ptr, out_ptr, N, K, row_len, s_rs, s_gs, BITS: tl.constexpr,
-                    GS: tl.constexpr, HAS_ZERO: tl.constexpr, CROSS: tl.constexpr, LAYOUT: tl.constexpr,
+                    GS: tl.constexpr, HAS_ZERO: tl.constexpr, CROSS: tl.constexpr, VEC: tl.constexpr, LAYOUT: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     w = _w_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, row_len, s_rs, s_gs,
-                   BITS, GS, HAS_ZERO, CROSS, LAYOUT, BLOCK_N, BLOCK_K)
+                   BITS, GS, HAS_ZERO, CROSS, LAYOUT, BLOCK_N, BLOCK_K, VEC)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
@@ -153,6 +153,7 @@ _GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 4, 3), (16,
                           (8, 1024, 8, 2), (4, 1024, 4, 2)], ("BLOCK_N", "BLOCK_K"))
 _DEQUANT_CONFIGS = _configs([(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1)],
                             ("BLOCK_N", "BLOCK_K"))
+_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DOT_CONFIGS + _GEMV_CONFIGS + _DEQUANT_CONFIGS)
 _dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GS", "IEEE", "LAYOUT"])(_dot_kernel)
 _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "BITS", "GS", "LAYOUT", "BLOCK_M"],
                               reset_to_zero=["out_ptr"])(_gemv_kernel)
@@ -245,7 +246,10 @@ class _Weight:
                       and gs % (32 // bits) == 0)
         self.qw, self.layout = (qweight.view(torch.int32), WORDS_NK) if self.words else (qweight, BYTES)
         self.row_len = self.qw.shape[1]
-        self.meta = dict(BITS=bits, GS=gs, HAS_ZERO=zero is not None, CROSS=8 % bits != 0)
+        # VEC: rows of a multiple of 4 words (16 bytes) and every tile's BLOCK_K a multiple of 4 words,
+        # for 128-bit loads of the word tiles (the smallest BLOCK_K: 32 in the interpreter, of the configurations on CUDA)
+        vec = self.words and self.row_len % 4 == 0 and (32 if interpreting() else _MIN_BLOCK_K) % (4 * (32 // bits)) == 0
+        self.meta = dict(BITS=bits, GS=gs, HAS_ZERO=zero is not None, CROSS=8 % bits != 0, VEC=vec)
         self.zp = self.zero if self.zero is not None else self.scale  # never read when HAS_ZERO is False
 
     def dequantize(self, n: int, k: int, dtype, device) -> torch.Tensor:

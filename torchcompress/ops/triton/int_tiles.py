@@ -6,9 +6,10 @@ little-endian int32 word ``j`` (widths dividing 32: 2, 4, 8 bits) code ``j*W + i
 sits at bits ``[i*b, (i+1)*b)``.
 
 * :func:`bytes_tile_nk`: any width 2..8, codes read byte by byte (two bytes where a code crosses one);
-* :func:`words_tile_nk`: whole int32 words of the checkpoint layout (N, K/W), one vector load per
-  row of the tile, every code of a word shifted out in registers, scale and zero loaded once per word
-  (needs groups of whole words, ``GS % W == 0``);
+* :func:`words_tile_nk`: whole int32 words of the checkpoint layout (N, K/W), every code of a word
+  shifted out in registers, scale and zero loaded once per word (needs groups of whole words,
+  ``GS % W == 0``); with ``VEC`` (rows of a multiple of 4 words) the K mask is declared constant over
+  4 words so the compiler emits 128-bit loads (``ld.global.v4.b32``; checked in the PTX for sm_90);
 * :func:`words_tile_kn`: the same words pre-shuffled K-major, (K/W, N) (see
   :mod:`torchcompress.primitives.kernel_layout`): a ``tl.dot`` tile's words are contiguous along N
   (coalesced loads) and come out as the (BLOCK_K, BLOCK_N) operand with no transpose.
@@ -46,13 +47,17 @@ def bytes_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, offs_k, N, K_lim, row_byt
 @triton.jit
 def words_tile_nk(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K_lim, row_words, s_rs, s_gs,
                   BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """(BLOCK_N, BLOCK_K) weights of columns ``k0 .. k0+BLOCK_K`` from (N, K/W) int32 words;
     ``k0`` and ``K_lim`` are multiples of W."""
     W: tl.constexpr = 32 // BITS
     BLOCK_W: tl.constexpr = BLOCK_K // W
-    offs_w = k0 // W + tl.arange(0, BLOCK_W)
-    mask = (offs_n[:, None] < N) & ((offs_w * W) < K_lim)[None, :]
+    tl.static_assert((not VEC) or (BLOCK_K % (4 * W) == 0), "VEC needs tiles of a multiple of 4 words")
+    offs_w = tl.multiple_of(k0 // W, BLOCK_W) + tl.arange(0, BLOCK_W)
+    kmask = (offs_w * W) < K_lim
+    if VEC:  # rows of 4j words and K_lim a multiple of 4 words (k0 and the K slices are multiples of
+        kmask = tl.max_constancy(kmask, [4])  # BLOCK_K >= 4 W): the mask is constant over 4 words, so 128-bit loads
+    mask = (offs_n[:, None] < N) & kmask[None, :]
     words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * row_words + offs_w[None, :], mask=mask, other=0)
     sidx = offs_n[:, None].to(tl.int64) * s_rs + ((offs_w * W) // GS)[None, :] * s_gs
     s = tl.load(scale_ptr + sidx, mask=mask, other=0.0).to(tl.float32)  # 0 outside: the weight is 0
