@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ..regimes import Regime, regime_for
-from .int_linear import _configs, cdiv, gemv_epilogue, interpreting, launch, launch_small, m_bucket, run_regime
+from .int_linear import (_configs, cdiv, gemv_epilogue, interpreting, launch, launch_small, m_bucket, run_regime,
+                         tune_bench)
 
 # GGMLType value -> (weights, bytes) per block
 GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210), 20: (32, 18), 23: (256, 136)}
@@ -179,10 +180,12 @@ _GGUF_GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (32, 128, 4, 3),
                                (4, 512, 4, 3)], ("BLOCK_N", "BLOCK_K"))  # (16, 512, 8 warps) spilled for Q4_K/Q6_K
 _GGUF_DEQUANT_CONFIGS = _configs([(16, 64, 4, 1), (32, 64, 4, 1), (8, 256, 4, 1), (32, 128, 8, 1)],
                                  ("BLOCK_N", "BLOCK_K"))
-_dot_tuned = triton.autotune(configs=_GGUF_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"])(_dot_kernel)
+_dot_tuned = triton.autotune(configs=_GGUF_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"],
+                             do_bench=tune_bench)(_dot_kernel)
 _gemv_tuned = triton.autotune(configs=_GGUF_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE", "BLOCK_M"],
-                              reset_to_zero=["out_ptr"])(_gemv_kernel)
-_dequant_tuned = triton.autotune(configs=_GGUF_DEQUANT_CONFIGS, key=["N", "K", "QTYPE"])(_dequant_kernel)
+                              reset_to_zero=["out_ptr"], do_bench=tune_bench)(_gemv_kernel)
+_dequant_tuned = triton.autotune(configs=_GGUF_DEQUANT_CONFIGS, key=["N", "K", "QTYPE"],
+                                 do_bench=tune_bench)(_dequant_kernel)
 
 
 def triton_gguf_dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:

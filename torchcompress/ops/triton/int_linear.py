@@ -153,11 +153,23 @@ _GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 4, 3), (16,
                           (8, 1024, 8, 2), (4, 1024, 4, 2)], ("BLOCK_N", "BLOCK_K"))
 _DEQUANT_CONFIGS = _configs([(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1)],
                             ("BLOCK_N", "BLOCK_K"))
+
+
+def tune_bench(kernel_call, quantiles):
+    """The autotuner's timing of one configuration: 5 ms warm-up, 25 ms of runs (Triton's default is
+    25 + 100 ms; tuning every shape of bench_triton must fit in scripts/gpu_check.sh's few minutes)."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 _MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DOT_CONFIGS + _GEMV_CONFIGS + _DEQUANT_CONFIGS)
-_dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GS", "IEEE", "LAYOUT"])(_dot_kernel)
+_dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GS", "IEEE", "LAYOUT"],
+                             do_bench=tune_bench)(_dot_kernel)
 _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "BITS", "GS", "LAYOUT", "BLOCK_M"],
-                              reset_to_zero=["out_ptr"])(_gemv_kernel)
-_dequant_tuned = triton.autotune(configs=_DEQUANT_CONFIGS, key=["N", "K", "BITS", "GS", "LAYOUT"])(_dequant_kernel)
+                              reset_to_zero=["out_ptr"], do_bench=tune_bench)(_gemv_kernel)
+_dequant_tuned = triton.autotune(configs=_DEQUANT_CONFIGS, key=["N", "K", "BITS", "GS", "LAYOUT"],
+                                 do_bench=tune_bench)(_dequant_kernel)
 
 
 def launch(tuned, grid, *args, **meta) -> None:
