@@ -7,6 +7,10 @@ Two states:
 * **fake-quant** (QAT): a float master ``weight`` parameter; the forward quantizes it on the fly with a
   straight-through estimator so gradients reach the master weight. :meth:`freeze` packs it.
 
+:meth:`use_kmajor_layout` keeps a pre-shuffled working copy of the codes for the CUDA ``tl.dot``
+kernel (:mod:`~torchcompress.primitives.kernel_layout`); it is not a buffer: ``state_dict`` and saved
+files stay exactly as without it.
+
 Example::
 
     ql = QuantLinear.from_linear(nn.Linear(576, 1536), QuantScheme(bits=4, group_size=128))
@@ -123,6 +127,7 @@ class QuantLinear(nn.Module):
             self.zero = None
         else:
             self.register_buffer("zero", q.zero)
+        self._refresh_kmajor()
 
     @torch.no_grad()
     def _init_lsq(self) -> None:
@@ -184,6 +189,7 @@ class QuantLinear(nn.Module):
                 self._set_packed_from(w, name)  # raises before anything changes
             del self.weight
             self.weight = None
+            self._refresh_kmajor()
         return self
 
     @torch.no_grad()
@@ -195,6 +201,7 @@ class QuantLinear(nn.Module):
                 self._buffers.pop(key, None)
             self.zero = None
             self.weight = nn.Parameter(w)
+            self._refresh_kmajor()
         return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -205,6 +212,40 @@ class QuantLinear(nn.Module):
             self.qweight, self.scale, self.zero, self.scheme.bits, self.group_size, self.in_features, dtype
         )
 
+    # -- kernel layout (a working copy, never saved) ----------------------------------------
+
+    def use_kmajor_layout(self, on: bool = True) -> "QuantLinear":
+        """Keep (or drop) the K-major copy of ``qweight`` that the CUDA ``tl.dot`` kernel reads with
+        coalesced loads. Built now, and again after ``load_state_dict``, a device move or a re-pack;
+        costs one more copy of the packed codes in memory. Needs 2/4/8-bit codes in rows and groups of
+        whole int32 words (``ConfigError`` otherwise)."""
+        from ..primitives.kernel_layout import kmajor_supported
+
+        if on and not kmajor_supported(self.scheme.bits, self.in_features, self.group_size):
+            raise ConfigError("kernel_layout", f"K-major words need 2/4/8 bits and in_features / group_size multiples "
+                                               f"of {32 // self.scheme.bits if 32 % self.scheme.bits == 0 else 'a word'}; "
+                                               f"this layer has bits={self.scheme.bits}, in_features={self.in_features}, "
+                                               f"group_size={self.group_size}")
+        self.__dict__["_kmajor"] = bool(on)
+        if on and not self.__dict__.get("_kmajor_hook"):
+            self.__dict__["_kmajor_hook"] = self.register_load_state_dict_post_hook(
+                lambda mod, incompatible: mod._refresh_kmajor())
+        self._refresh_kmajor()
+        return self
+
+    def _refresh_kmajor(self, *args) -> None:
+        self.__dict__["_qweight_kn"] = None
+        if self.__dict__.get("_kmajor") and self.is_packed and not self.qweight.is_meta:
+            from ..primitives.kernel_layout import to_kmajor
+
+            self.__dict__["_qweight_kn"] = to_kmajor(self.qweight, self.scheme.bits, self.in_features)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.__dict__.get("_kmajor"):  # moved or cast: rebuild on the new device now, not in a forward
+            self._refresh_kmajor()
+        return out
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
@@ -212,7 +253,8 @@ class QuantLinear(nn.Module):
             w = self._fake_quant_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return run_op(torch.ops.torchcompress.int_linear, int_linear_impl,
-                      x, self.qweight, self.scale, self.zero, self.bias, self.scheme.bits, self.group_size, self.in_features)
+                      x, self.qweight, self.scale, self.zero, self.bias, self.scheme.bits, self.group_size, self.in_features,
+                      self.__dict__.get("_qweight_kn"))
 
     def weight_bits(self) -> int:
         """Bits this layer's weight occupies (codes, scales, zeros); the bias is not counted."""

@@ -7,8 +7,9 @@ which case the op runs the pure-PyTorch reference. ``TORCHCOMPRESS_KERNEL=refere
   :func:`gguf_linear_fast` for GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; fp32, bf16 and fp16
   activations (computed in fp32, rounded once at the end).
 * CUDA: Triton kernels (:mod:`torchcompress.ops.triton.int_linear`, and
-  :mod:`torchcompress.ops.triton.gguf_linear` for GGUF Q4_0/Q5_0/Q8_0/Q4_K/Q6_K), imported on first
-  CUDA call; GPTQ act-order goes through the int_linear kernels on sorted columns (both devices).
+  :mod:`torchcompress.ops.triton.gguf_linear` for GGUF Q4_0/Q5_0/Q8_0/Q4_K/Q6_K/IQ4_NL/IQ4_XS), imported
+  on first CUDA call, one kernel per batch regime (GEMV, ``tl.dot``, dequantize + GEMM) chosen from the
+  per-device crossovers of :mod:`torchcompress.ops.regimes`; GPTQ act-order goes through the int_linear kernels on sorted columns (both devices).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def int_linear_fast(
     bits: int,
     group_size: int,
     in_features: int,
+    qweight_kn: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     if x.dtype not in FLOAT_DTYPES or x.shape[-1] != in_features:
         return None
@@ -48,7 +50,7 @@ def int_linear_fast(
     if dev == "cuda" and bits in TRITON_BITS:
         from .triton.int_linear import triton_int_linear  # imports triton; CUDA only
 
-        return triton_int_linear(x, qweight, scale, zero, bias, bits, group_size, in_features)
+        return triton_int_linear(x, qweight, scale, zero, bias, bits, group_size, in_features, qweight_kn=qweight_kn)
     return None
 
 

@@ -50,7 +50,10 @@ def int_linear_impl(
     bits: int,
     group_size: int,
     in_features: int,
+    qweight_kn: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    # qweight_kn: the K-major working copy of qweight (primitives/kernel_layout.py) for the CUDA tl.dot
+    # kernel, or None; the result never depends on it.
     # selected_backend() validates TORCHCOMPRESS_KERNEL; AUTO tries the fast kernels (ops/fastpath.py)
     # and falls back to the reference where none applies.
     if selected_backend() is Backend.AUTO:
@@ -58,7 +61,7 @@ def int_linear_impl(
         # state, so an x that requires grad (LoRA on a quantized base) made at::mm_out refuse it;
         # this op's gradient comes from _backward, never from tracing the kernel.
         out = int_linear_fast(x.detach(), qweight, scale, zero, None if bias is None else bias.detach(),
-                              bits, group_size, in_features)
+                              bits, group_size, in_features, qweight_kn)
         if out is not None:
             return out
     return _reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
@@ -68,12 +71,12 @@ int_linear = torch.library.custom_op("torchcompress::int_linear", mutates_args=(
 
 
 @int_linear.register_fake
-def _(x, qweight, scale, zero, bias, bits, group_size, in_features):
+def _(x, qweight, scale, zero, bias, bits, group_size, in_features, qweight_kn=None):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scale, zero, bias, bits, group_size, in_features = inputs
+    x, qweight, scale, zero, bias, bits, group_size, in_features = inputs[:8]
     ctx.save_for_backward(qweight, scale, zero)
     ctx.meta = (bits, group_size, in_features, x.dtype, bias is not None)
 
@@ -87,7 +90,7 @@ def _backward(ctx, grad_out):
         grad_x = (grad_out @ w).to(dtype)  # (..., N) @ (N, K) -> (..., K)
     if has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None, None
 
 
 int_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,8 +1,10 @@
 """Triton dequant-matmul for ``torchcompress::gguf_linear``: ggml blocks Q4_0, Q5_0, Q8_0, IQ4_NL (32
 weights) and Q4_K, Q6_K, IQ4_XS (256-weight super-blocks), read straight from the row bytes.
 
-Same two kernels as :mod:`.int_linear` (a split-K GEMV for decode, a ``tl.dot`` tile for prefill);
-only the weight tile differs: :func:`_gguf_tile` decodes each weight ``(n, k)`` from its block
+Same kernel family as :mod:`.int_linear`, one per batch regime chosen by the same dispatcher
+(:mod:`torchcompress.ops.regimes`): a split-K GEMV reading each block once for up to 8 rows of x, a
+pipelined ``tl.dot`` tile, and dequantize-once + ``F.linear`` above the crossover. Only the weight
+tile differs: :func:`_gguf_tile` decodes each weight ``(n, k)`` from its block
 ``k // block`` of row ``n`` (fp16 ``d`` assembled from two bytes; the codes, 6-bit sub-block
 scales and mins as ggml lays them out, see kernels/cpu/gguf_linear.h). Autotuned on CUDA with the
 same Ampere/Hopper configurations; one small configuration under ``TRITON_INTERPRET=1``.
@@ -16,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_linear import GEMV_MAX_M, _GEMV_CONFIGS, _TILED_CONFIGS, _interpreting, _split_k, launch, m_bucket
+from ..regimes import Regime, regime_for
+from .int_linear import (_configs, cdiv, gemv_epilogue, interpreting, launch, launch_small, m_bucket, run_regime,
+                         tune_bench)
 
 # GGMLType value -> (weights, bytes) per block
 GGUF_TRITON_TYPES = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 14: (256, 210), 20: (32, 18), 23: (256, 136)}
@@ -108,34 +112,38 @@ def _gguf_tile(b_ptr, offs_n, offs_k, N, K_lim, row_bytes, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, b_ptr, out_ptr, N, K, row_bytes, stride_xm, stride_om, SPLIT_K,
-                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, SPLIT_K,
+                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    m0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per
     k_end = tl.minimum(k_start + k_per, K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = _gguf_tile(b_ptr, offs_n, offs_k, N, k_end, row_bytes, QTYPE)
-        xv = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)
-        acc += tl.sum(w * xv[None, :], axis=1)
-    tl.atomic_add(out_ptr + m * stride_om + offs_n, acc, mask=offs_n < N)
+        w = _gguf_tile(b_ptr, offs_n, offs_k, N, k_end, row_bytes, QTYPE)  # decoded once for BLOCK_M rows
+        for i in tl.static_range(BLOCK_M):
+            k_lim = tl.where(m0 + i < M, k_end, k_start)  # a row past M reads nothing
+            xv = tl.load(x_ptr + (m0 + i) * stride_xm + offs_k, mask=offs_k < k_lim, other=0.0).to(tl.float32)
+            acc = tl.where(rows[:, None] == i, acc + tl.sum(w * xv[None, :], axis=1)[None, :], acc)
+    gemv_epilogue(acc, bias_ptr, out_ptr, m0 + rows, offs_n, M, N, stride_om, HAS_BIAS, DIRECT)
 
 
 @triton.jit
-def _tiled_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, M_BUCKET,
-                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dot_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, M_BUCKET,
+                QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):  # pipelined by Triton (num_stages) on CUDA
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -153,14 +161,49 @@ def _tiled_kernel(x_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm
              acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_tiled_tuned = triton.autotune(configs=_TILED_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"])(_tiled_kernel)
-_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE"],
-                              reset_to_zero=["out_ptr"])(_gemv_kernel)
+@triton.jit
+def _dequant_kernel(b_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = _gguf_tile(b_ptr, offs_n, offs_k, N, K, row_bytes, QTYPE)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+# Smaller tiles than the int kernels': decoding a ggml weight takes several byte loads and more live
+# values, and larger tiles spill (ptxas on sm_90, scripts/triton_aot_check.py: with the int kernels'
+# tl.dot configurations a 16x128x128 tile spilled 1560 bytes for Q8_0 and 3410 for Q6_K; the lists
+# below are checked there for Q8_0, Q4_K and Q6_K).
+_GGUF_DOT_CONFIGS = _configs([(16, 64, 32, 4, 3), (16, 32, 64, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3),
+                              (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+_GGUF_GEMV_CONFIGS = _configs([(16, 256, 4, 3), (8, 512, 4, 3), (32, 128, 4, 3), (8, 256, 4, 3), (16, 256, 8, 3),
+                               (4, 512, 4, 3)], ("BLOCK_N", "BLOCK_K"))  # (16, 512, 8 warps) spilled for Q4_K/Q6_K
+_GGUF_DEQUANT_CONFIGS = _configs([(16, 64, 4, 1), (32, 64, 4, 1), (8, 256, 4, 1), (32, 128, 8, 1)],
+                                 ("BLOCK_N", "BLOCK_K"))
+_dot_tuned = triton.autotune(configs=_GGUF_DOT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE", "IEEE"],
+                             do_bench=tune_bench)(_dot_kernel)
+_gemv_tuned = triton.autotune(configs=_GGUF_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "QTYPE", "BLOCK_M"],
+                              reset_to_zero=["out_ptr"], do_bench=tune_bench)(_gemv_kernel)
+_dequant_tuned = triton.autotune(configs=_GGUF_DEQUANT_CONFIGS, key=["N", "K", "QTYPE"],
+                                 do_bench=tune_bench)(_dequant_kernel)
+
+
+def triton_gguf_dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (N, K) weight in ``dtype``, as the DEQUANT regime computes it."""
+    n, k = blocks.shape[0], in_features
+    blocks = blocks.contiguous()
+    w = torch.empty(n, k, device=blocks.device, dtype=dtype)
+    interp = interpreting()
+    grid = lambda c: (cdiv(n, c["BLOCK_N"]), cdiv(k, c["BLOCK_K"]))  # noqa: E731
+    (launch_small if interp else launch)(_dequant_kernel if interp else _dequant_tuned, grid, blocks, w, n, k,
+                                         blocks.shape[1], QTYPE=int(qtype))
+    return w
 
 
 def triton_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int,
                        in_features: int, path: str = "auto") -> torch.Tensor:
-    """``x @ dequant(blocks)^T + bias`` with the Triton kernels; ``path`` is auto, gemv or tiled."""
+    """``x @ dequant(blocks)^T + bias``; ``path``: ``auto`` (the dispatcher's regime), ``gemv``, ``dot``
+    or ``dequant``."""
     qtype = int(qtype)
     if qtype not in GGUF_TRITON_TYPES:
         raise ValueError(f"triton_gguf_linear: no Triton kernel for ggml type {qtype}")
@@ -169,30 +212,25 @@ def triton_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, bias: Optional[tor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    blocks = blocks.contiguous()
-    interp = _interpreting()
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
-        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-        if interp:
-            split = _split_k(triton.cdiv(n, 16), m, k, x.device)
-            _gemv_kernel[(triton.cdiv(n, 16), split, m)](x2, blocks, out, n, k, blocks.shape[1], x2.stride(0),
-                                                         out.stride(0), split, QTYPE=qtype, BLOCK_N=16, BLOCK_K=32)
-        else:
-            split = _split_k(triton.cdiv(n, 64), m, k, x.device)
-            grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), split, m)  # noqa: E731
-            launch(_gemv_tuned, grid, x2, blocks, out, n, k, blocks.shape[1], x2.stride(0), out.stride(0), split, QTYPE=qtype)
-        if bias is not None:
-            out += bias.float()
-        return out.to(x.dtype).reshape(*x.shape[:-1], n)
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    bp = bias if bias is not None else out
-    args = (x2, blocks, bp, out, m, n, k, blocks.shape[1], x2.stride(0), out.stride(0), m_bucket(m))
-    meta = dict(QTYPE=qtype, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interp)
-    if interp:
-        _tiled_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 16))](*args, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, **meta)
-    else:
-        grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
-        launch(_tiled_tuned, grid, *args, **meta)
+    regime = regime_for(m, x.device) if path == "auto" else Regime(path)
+    blocks = blocks.contiguous()
+    interp = interpreting()
+    go = launch_small if interp else launch
+
+    def gemv(out, block_m, m_blocks, split):
+        grid = lambda c: (cdiv(n, c["BLOCK_N"]), split, m_blocks)  # noqa: E731
+        go(_gemv_kernel if interp else _gemv_tuned, grid, x2, blocks, bias if bias is not None else out, out, m, n, k,
+           blocks.shape[1], x2.stride(0), out.stride(0), split, QTYPE=qtype, HAS_BIAS=bias is not None,
+           DIRECT=split == 1, BLOCK_M=block_m)
+
+    def dot(out):
+        grid = lambda c: (cdiv(m, c["BLOCK_M"]), cdiv(n, c["BLOCK_N"]))  # noqa: E731
+        go(_dot_kernel if interp else _dot_tuned, grid, x2, blocks, bias if bias is not None else out, out, m, n, k,
+           blocks.shape[1], x2.stride(0), out.stride(0), m_bucket(m), QTYPE=qtype, HAS_BIAS=bias is not None,
+           IEEE=x.dtype == torch.float32, UPCAST=interp)
+
+    out = run_regime(regime, x2, n, k, bias, x.dtype, gemv, dot,
+                     lambda: triton_gguf_dequantize(blocks, qtype, k, x.dtype))
     return out.reshape(*x.shape[:-1], n)
