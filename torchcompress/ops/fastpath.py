@@ -71,6 +71,12 @@ def _native_isa(ext) -> str:
     return ext.available_isas()[0]  # what isa="auto" runs
 
 
+def gguf_panel_min_batch(ext, qtype: int) -> int:
+    """Rows of x from which the native extension ``ext`` takes the panel path for ``qtype``."""
+    block = GGUF_CPU_BLOCK[int(qtype)]
+    return GGUF_PANEL_MIN_BATCH.get(_native_isa(ext), {}).get(block, GGUF_GEMV_MAX_BATCH + 1)
+
+
 def gguf_linear_fast(
     x: torch.Tensor, blocks: torch.Tensor, bias: Optional[torch.Tensor], qtype: int, in_features: int
 ) -> Optional[torch.Tensor]:
@@ -96,7 +102,7 @@ def gguf_linear_fast(
     ext = load_native()
     if ext is None:
         return None
-    panel_min = GGUF_PANEL_MIN_BATCH.get(_native_isa(ext), {}).get(block, GGUF_GEMV_MAX_BATCH + 1)
+    panel_min = gguf_panel_min_batch(ext, qtype)
     return ext.gguf_linear(x, blocks, bias, int(qtype), in_features, "auto", "auto", GGUF_GEMV_MAX_BATCH, panel_min)
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.backend import Backend, selected_backend
-from ..ops.fastpath import GGUF_CPU_BLOCK, GGUF_GEMV_MAX_BATCH, GGUF_PANEL_MIN_BATCH, _native_isa
+from ..ops.fastpath import GGUF_CPU_BLOCK, GGUF_GEMV_MAX_BATCH, gguf_panel_min_batch
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]  # (M, K) -> (M, N)
 
@@ -39,7 +39,7 @@ def _gguf_args(mod, ext) -> tuple | None:
     block = GGUF_CPU_BLOCK.get(int(mod.qtype))
     if block is None or mod.blocks.device.type != "cpu" or mod.in_features % block:
         return None
-    panel_min = GGUF_PANEL_MIN_BATCH.get(_native_isa(ext), {}).get(block, GGUF_GEMV_MAX_BATCH + 1)
+    panel_min = gguf_panel_min_batch(ext, mod.qtype)
     bias = None if mod.bias is None else mod.bias.detach()
     return mod.blocks, bias, int(mod.qtype), mod.in_features, panel_min
 
