@@ -128,6 +128,39 @@ inline float hsum(__m256 v) {
 
 constexpr int64_t kPrefetchBytes = 1024;
 
+// One row of x on the 32-weight types (see gguf_linear_avx512.cpp's gemv1_rows): the block type a
+// compile-time constant, so decode32's branches fold away, and four accumulators, one per 8 weights.
+template <int QT>
+void gemv1_rows(const GGUFProblem& p, int64_t n0, int64_t n1) {
+  const int64_t nblk = p.K / 32, bb = p.block_bytes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.blocks + n * p.row_bytes;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < nblk; ++i) {
+      const uint8_t* b = row + i * bb;
+      if ((i & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetchBytes, _MM_HINT_T0);
+      const float* x = p.x + i * 32;
+      decode32(QT, b, [&](int off, __m256 w) {
+        acc[(off >> 3) & 3] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + off), acc[(off >> 3) & 3]);
+      });
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    p.out[n] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + bias;
+  }
+}
+
+inline bool gemv1(const GGUFProblem& p, int64_t n0, int64_t n1) {
+  if (p.M != 1) return false;
+  switch (p.qtype) {
+    case kGGMLQ4_0: gemv1_rows<kGGMLQ4_0>(p, n0, n1); return true;
+    case kGGMLQ4_1: gemv1_rows<kGGMLQ4_1>(p, n0, n1); return true;
+    case kGGMLQ5_0: gemv1_rows<kGGMLQ5_0>(p, n0, n1); return true;
+    case kGGMLQ5_1: gemv1_rows<kGGMLQ5_1>(p, n0, n1); return true;
+    case kGGMLQ8_0: gemv1_rows<kGGMLQ8_0>(p, n0, n1); return true;
+    default: return false;
+  }
+}
+
 template <int MB>
 void rows_mb(const GGUFProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nblk = p.K / p.block;
@@ -213,6 +246,7 @@ void gguf_panel_avx2(const GGUFProblem& p, int64_t n0, int64_t n1, float* scratc
 int64_t gguf_panel_scratch_avx2(int64_t M) { return kPanelRows * kPanelK + M * kPanelRows * 8; }
 
 void gguf_rows_avx2(const GGUFProblem& p, int64_t n0, int64_t n1) {
+  if (gemv1(p, n0, n1)) return;
   constexpr int64_t kRowBlock = 8;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = (nb + kRowBlock < n1) ? nb + kRowBlock : n1;
