@@ -232,6 +232,73 @@ void gemv1_rows(const GGUFProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// One row of x on Q4_K / Q6_K: the decoders of decode_q45_k / decode_q6_k with their loops unrolled
+// so that each 16-weight vector goes to one of four accumulators chosen at compile time.
+inline void gemv1_q4_k(const GGUFProblem& p, int64_t n0, int64_t n1) {
+  const int64_t nblk = p.K / 256;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.blocks + n * p.row_bytes;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < nblk; ++i) {
+      const uint8_t* b = row + i * 144;
+      _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetchBytes + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetchBytes + 128, _MM_HINT_T0);
+      const float* x = p.x + i * 256;
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      const uint8_t* qs = b + 16;
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m512i c0 = u8x16(qs + 32 * g), c1 = u8x16(qs + 32 * g + 16);
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; ++half) {
+          const int s = 2 * g + half;
+          int sc, mn;
+          scale_min_k4(s, b + 4, &sc, &mn);
+          const __m512 t = table_dsub(d * static_cast<float>(sc), 0.0f, dmin * static_cast<float>(mn));
+          const __m512i q0 = half ? _mm512_srli_epi32(c0, 4) : c0, q1 = half ? _mm512_srli_epi32(c1, 4) : c1;
+          acc[2 * half] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q0, t), _mm512_loadu_ps(x + 32 * s), acc[2 * half]);
+          acc[2 * half + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q1, t), _mm512_loadu_ps(x + 32 * s + 16), acc[2 * half + 1]);
+        }
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    p.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + bias;
+  }
+}
+
+inline void gemv1_q6_k(const GGUFProblem& p, int64_t n0, int64_t n1) {
+  const int64_t nblk = p.K / 256;
+  const __m512i low4 = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3), bias32 = _mm512_set1_epi32(32);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.blocks + n * p.row_bytes;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < nblk; ++i) {
+      const uint8_t* b = row + i * 210;
+      for (int o = 0; o < 256; o += 64) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetchBytes + o, _MM_HINT_T0);
+      const float* x = p.x + i * 256;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_at(b + 208);
+      for (int h = 0; h < 2; ++h) {
+        for (int l0 = 0; l0 < 32; l0 += 16) {
+          const __m512i a = u8x16(b + 64 * h + l0), c = u8x16(b + 64 * h + 32 + l0), hb = u8x16(b + 128 + 32 * h + l0);
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k) {
+            const __m512i lo = k < 2 ? _mm512_and_si512(k ? c : a, low4) : _mm512_srli_epi32(k == 2 ? a : c, 4);
+            const __m512i hi = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2 * k), two), 4);
+            const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(lo, hi), bias32));
+            const int j = 128 * h + 32 * k + l0;
+            const __m512 w = _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(sc[j >> 4])), q);
+            acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + j), acc[k]);
+          }
+        }
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    p.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + bias;
+  }
+}
+
 // true when one of the specialised one-row loops above computed rows n0..n1
 inline bool gemv1(const GGUFProblem& p, int64_t n0, int64_t n1) {
   if (p.M != 1) return false;
@@ -241,6 +308,8 @@ inline bool gemv1(const GGUFProblem& p, int64_t n0, int64_t n1) {
     case kGGMLQ5_0: gemv1_rows<kGGMLQ5_0>(p, n0, n1); return true;
     case kGGMLQ5_1: gemv1_rows<kGGMLQ5_1>(p, n0, n1); return true;
     case kGGMLQ8_0: gemv1_rows<kGGMLQ8_0>(p, n0, n1); return true;
+    case kGGMLQ4_K: gemv1_q4_k(p, n0, n1); return true;
+    case kGGMLQ6_K: gemv1_q6_k(p, n0, n1); return true;
     default: return false;
   }
 }
