@@ -79,6 +79,44 @@ void int4_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int6
   }
 }
 
+// One row of x (a decode step), 4-bit codes: int4_rows<1> with two 16-byte chunks per step into
+// four accumulators (independent FMA chains) and a prefetch per step.
+void int4_row1(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qw + n * p.row_bytes;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t c0 = g * p.gs;
+      const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(load_zero(p, n, g))),
+                                         _mm512_set1_ps(scale_at(p, n, g)));
+      const uint8_t* r = row + b0;
+      const float* xa = q.xa + b0;
+      const float* xb = q.xb + b0;
+      int64_t j = 0;
+      for (; j + 32 <= nb; j += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(r + j) + kPrefetchBytes, _MM_HINT_T0);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j + 16)));
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, table), _mm512_loadu_ps(xa + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), _mm512_loadu_ps(xb + j), a1);
+        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c, table), _mm512_loadu_ps(xa + j + 16), a2);
+        a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table), _mm512_loadu_ps(xb + j + 16), a3);
+      }
+      for (; j < nb; j += 16) {  // the last chunk, maybe partial: lanes past the group add nothing
+        const __mmask16 k = nb - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first_n(nb - j);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, r + j));
+        a0 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(k, b, table), _mm512_loadu_ps(xa + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(k, _mm512_srli_epi32(b, 4), table), _mm512_loadu_ps(xb + j), a1);
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    p.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + bias;
+  }
+}
+
 // out[m0:m0+MB, n0:n1] for 8-bit codes.
 template <int MB>
 void int8_rows(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
@@ -136,6 +174,10 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
 void gemv_rows_avx512(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
   // Rows in blocks small enough to stay in L1 while every slice of x passes over them. 4 bits keep
   // one accumulator per row of x (up to 16 per pass); 8 bits two (a group's and the total: up to 8).
+  if (p.M == 1 && p.bits == 4) {
+    int4_row1(p, q, n0, n1);
+    return;
+  }
   constexpr int64_t kRowBlock = 8;
   const int64_t widest = p.bits == 4 ? 16 : 8;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
