@@ -216,6 +216,19 @@ def _read_json(p: Path) -> dict:
     return data
 
 
+def module_manifest(model: nn.Module, manifest: dict) -> dict:
+    """``manifest`` with its modules under ``model``'s module names: a compressed-tensors checkpoint of a
+    MoE family names them as the family stores them (Mixtral's ``block_sparse_moe``, the module's ``mlp``)."""
+    if not manifest.get("source_format"):
+        return manifest
+    from ..pipeline.experts import module_namer
+
+    rename = module_namer(model)
+    if rename is None:
+        return manifest
+    return {**manifest, "modules": {rename(k): v for k, v in manifest["modules"].items()}}
+
+
 def apply_manifest(model: nn.Module, manifest: dict, device="meta", source: str = "manifest") -> nn.Module:
     """Swap empty compressed modules (on ``device``) into ``model`` where the manifest names them."""
     for name, entry in manifest["modules"].items():
@@ -336,11 +349,6 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
     from ..pipeline.experts import match_expert_layout
 
     match_expert_layout(model, path)  # compressed MoE experts are stored one linear per expert
-    if manifest.get("source_format"):  # compressed-tensors stores a MoE family's on-disk names: ours are the modules'
-        from ..pipeline.experts import module_namer
-
-        rename = module_namer(model)
-        if rename is not None:
-            manifest = {**manifest, "modules": {rename(k): v for k, v in manifest["modules"].items()}}
+    manifest = module_manifest(model, manifest)
     apply_manifest(model, manifest, source=str(path))
     return load_state_into(model, path, manifest)
