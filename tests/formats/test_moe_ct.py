@@ -184,3 +184,23 @@ def test_streamed_evaluation_reads_the_compressed_tensors_moe_output(tmp_path):
     win = TextWindows(_calib(4, seed=2).input_ids, "random")
     assert evaluate_streaming(out, win, batch_size=2).perplexity == pytest.approx(evaluate(model, win).perplexity,
                                                                                   rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_export_compressed_tensors_writes_what_save_compressed_writes(family, tmp_path):
+    """``export --format compressed-tensors`` (its own writer) uses the same on-disk names and ignore list."""
+    from safetensors.torch import load_file
+
+    from torchcompress.formats.compressed_tensors import save_compressed_tensors
+
+    model = _model(family)
+    tc.quantize_(model, SCHEME)
+    save_compressed_tensors(model, tmp_path / "export")
+    tc.save_compressed(model, tmp_path / "save")
+    a, b = load_file(str(tmp_path / "export" / "model.safetensors")), load_file(str(tmp_path / "save" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    qa = json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]
+    qb = json.loads((tmp_path / "save" / "config.json").read_text())["quantization_config"]
+    assert sorted(qa["ignore"]) == qb["ignore"]
+    assert sorted(t for g in qa["config_groups"].values() for t in g["targets"]) == sorted(
+        t for g in qb["config_groups"].values() for t in g["targets"])
