@@ -15,15 +15,30 @@ import torch
 
 import torchcompress as tc
 from torchcompress.config import QuantScheme
+from torchcompress.nn.quant_linear import QuantLinear
 
 pytest.importorskip("compressed_tensors")
 from tests.formats.ct_oracle import their_weight  # noqa: E402
-from tests.pipeline.test_moe import _calib, _model  # noqa: E402
+from tests.pipeline.test_moe import COMMON, _calib  # noqa: E402
+from tests.pipeline.test_moe import _model as _moe_model  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
 SCHEME = QuantScheme(bits=4, group_size=32)  # w4 round-to-nearest, group 32, symmetric, fp16 scales
-LEAVES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+QWEN = ("mlp", ("gate_proj", "up_proj", "down_proj"))
+LEAVES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": QWEN, "qwen2_moe": QWEN}
+
+
+def _model(family):
+    """tests/pipeline/test_moe's tiny models; Qwen2-MoE with a 64-wide shared expert (48 has no group of 32)."""
+    if family != "qwen2_moe":
+        return _moe_model(family)
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Qwen2MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                           num_experts=4, num_experts_per_tok=2)
+    return t.AutoModelForCausalLM.from_config(cfg).eval()
 RECIPE = """
 name: w4-rtn-g32-sym
 stages:
@@ -72,7 +87,7 @@ def _keys(path) -> set[str]:
         return set(f.keys())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_moe_saves_as_compressed_tensors_that_transformers_and_their_decompressor_read(family, tmp_path):
     float_model = _model(family)
     float_model.save_pretrained(tmp_path / "plain")  # what the family stores on disk
@@ -88,7 +103,8 @@ def test_moe_saves_as_compressed_tensors_that_transformers_and_their_decompresso
     qc = cfg["quantization_config"]
     assert cfg["model_type"] == family and qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     block, leaves = LEAVES[family]
-    routers = [f"model.layers.{i}.{block}.gate" for i in range(2)]
+    routers = [f"model.layers.{i}.{block}.{g}" for i in range(2)
+               for g in (("gate", "shared_expert_gate") if family == "qwen2_moe" else ("gate",))]
     assert qc["ignore"] == sorted(["lm_head", *routers])
     # the plain checkpoint's tensors, each quantized weight as weight_packed/scale/shape of the same module
     plain, ours = _keys(tmp_path / "plain"), _keys(out)
@@ -110,22 +126,31 @@ def test_moe_saves_as_compressed_tensors_that_transformers_and_their_decompresso
         for e in range(4):
             for leaf, lin in zip(leaves, ex.projections(e)):
                 name = f"model.layers.{i}.{block}.experts.{e}.{leaf}"
-                ref = lin.dequantize(torch.float32).to(lin.scale.dtype)
+                deq = lin.dequantize(torch.float32).to(lin.scale.dtype)
                 theirs = their_weight(out, name)
-                assert theirs.dtype == ref.dtype and torch.equal(theirs, ref), name
-                expected[(i, e, leaf)] = ref.float()
+                assert theirs.dtype == deq.dtype and torch.equal(theirs, deq), name
+                expected[(i, e, leaf)] = deq
 
-    # (b) plain transformers in a fresh process: its fused experts are ours stacked, bit for bit
+    # (b) plain transformers in a fresh process: its fused experts are ours stacked, bit for bit, held in
+    # the scale's dtype (fp16: transformers' dequantize-at-load keeps that dtype for the fused experts)
     got = _transformers(out, ids, tmp_path)
     g, u, d = leaves
-    for i in range(2):
-        fused_gu = torch.stack([torch.cat([expected[(i, e, g)], expected[(i, e, u)]]) for e in range(4)])
-        fused_dn = torch.stack([expected[(i, e, d)] for e in range(4)])
-        assert torch.equal(got[f"{i}.gate_up_proj"], fused_gu) and torch.equal(got[f"{i}.down_proj"], fused_dn), i
-        assert torch.equal(got[f"{i}.router"], router[i]), i
-    # transformers keeps each expert weight rounded to the fp16 scale dtype (above); our QuantLinear computes
-    # with the fp32 product (q - z) * scale. Measured max |diff| of the logits (magnitude ~0.7): 3.5e-5
-    # Mixtral, 2.3e-5 Qwen3-MoE; with the experts' weights rounded the same way the rest is op order (<= 2e-6)
+    ref = _model(family)  # the family's own fused modules, given our weights: what transformers must compute
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear) and ".experts." not in name:
+                ref.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+        for i in range(2):
+            fused_gu = torch.stack([torch.cat([expected[(i, e, g)], expected[(i, e, u)]]) for e in range(4)])
+            fused_dn = torch.stack([expected[(i, e, d)] for e in range(4)])
+            assert got[f"{i}.gate_up_proj"].dtype == got[f"{i}.down_proj"].dtype == torch.float16
+            assert torch.equal(got[f"{i}.gate_up_proj"], fused_gu) and torch.equal(got[f"{i}.down_proj"], fused_dn), i
+            assert torch.equal(got[f"{i}.router"], router[i]), i
+            experts = ref.model.layers[i].mlp.experts
+            experts.gate_up_proj.data, experts.down_proj.data = fused_gu, fused_dn
+        assert torch.equal(got["logits"], ref(ids).logits)
+    # against our own forward (fp32 expert matmuls) the fp16 expert matmuls differ by rounding: measured
+    # max |diff| 3.5e-5 Mixtral, 2.3e-5 Qwen3-MoE, 1.8e-5 Qwen2-MoE on logits of magnitude ~0.7
     assert (got["logits"] - mine).abs().max().item() <= 5e-5
 
     # (c) our loader reads it back: the same logits, exactly
