@@ -35,16 +35,16 @@ def _assert_float(model, want):
         assert torch.equal(m.weight, w), name
 
 
-@pytest.mark.parametrize("path", ["quantize_", "recipe", "stream"])
+@pytest.mark.parametrize("path", ["quantize_", "recipe", "stream", "gptq-recipe", "gptq-stream"])
 def test_qwen2_moe_router_and_shared_expert_gate_stay_float(path, tmp_path):
     model = _model("qwen2_moe")
     want = _float_parts(model)
-    recipe = load_recipe("w4-rtn")
+    recipe = load_recipe("w4-gptq-g128" if path.startswith("gptq") else "w4-rtn")
     assert recipe.stages[0].ignore in (None, ("lm_head",), ["lm_head"])  # no router named: the default decides
     if path == "quantize_":
         quantize_(model, QuantScheme(bits=4, group_size=32))
         out = model
-    elif path == "recipe":
+    elif path in ("recipe", "gptq-recipe"):
         compress(model, recipe, _calib())
         out = model
     else:
