@@ -23,12 +23,13 @@ from .perplexity import EvalResult, TextWindows
 
 def streamed_skeleton(directory, dtype: torch.dtype) -> tuple[nn.Module, Checkpoint]:
     """The model of ``directory`` on the meta device (compressed modules from its manifest)."""
-    from ..formats.checkpoint import apply_manifest, read_manifest
+    from ..formats.checkpoint import apply_manifest, module_manifest, read_manifest
 
     ckpt = Checkpoint.open(directory)
     model = build_skeleton(ckpt, dtype)
     manifest = read_manifest(Path(directory))
     if manifest is not None:
+        manifest = module_manifest(model, manifest)  # a MoE family's on-disk names -> module names
         apply_manifest(model, manifest, device="meta", source=str(directory))
         tied = tied_sources(model)
         tied.update({str(k): str(v) for k, v in (manifest.get("tied") or {}).items()})

@@ -146,9 +146,11 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     manifest["tied"] = tied
     standard = _is_hf(model) and standard_format_reason(manifest) is None
     if standard:  # compressed-tensors; tied copies are dropped (transformers re-ties from tie_word_embeddings)
-        groups = CTGroups()
-        sd = state_to_ct(sd, manifest["modules"], groups)
-        qcfg = groups.config(ct_ignore(model, set(manifest["modules"])))
+        from ..pipeline.experts import disk_namer
+
+        groups, rename = CTGroups(), disk_namer(model)  # MoE: the family's on-disk names (Mixtral's block_sparse_moe)
+        sd = state_to_ct(sd, manifest["modules"], groups, rename)
+        qcfg = groups.config(ct_ignore(model, set(manifest["modules"]), rename))
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "torchcompress": str(FORMAT_VERSION)})
@@ -168,13 +170,9 @@ def standard_format_reason(manifest: dict) -> str | None:
     least one), else why the checkpoint stays in our own format."""
     from .ct_convert import ct_reason
 
-    import re
-
     if not manifest["modules"]:
         return "no compressed module"
     for name, entry in manifest["modules"].items():
-        if re.search(r"\.experts\.\d+\.", name):  # transformers 5 and vLLM load experts fused, not per expert
-            return f"{name}: mixture-of-experts projections are stored per expert (unfused)"
         reason = ct_reason(name, entry)
         if reason is not None:
             return reason
@@ -216,6 +214,19 @@ def _read_json(p: Path) -> dict:
     if not isinstance(data, dict):
         raise FormatError(p, "top level is not a JSON object")
     return data
+
+
+def module_manifest(model: nn.Module, manifest: dict) -> dict:
+    """``manifest`` with its modules under ``model``'s module names: a compressed-tensors checkpoint of a
+    MoE family names them as the family stores them (Mixtral's ``block_sparse_moe``, the module's ``mlp``)."""
+    if not manifest.get("source_format"):
+        return manifest
+    from ..pipeline.experts import module_namer
+
+    rename = module_namer(model)
+    if rename is None:
+        return manifest
+    return {**manifest, "modules": {rename(k): v for k, v in manifest["modules"].items()}}
 
 
 def apply_manifest(model: nn.Module, manifest: dict, device="meta", source: str = "manifest") -> nn.Module:
@@ -276,6 +287,11 @@ def load_state_into(model: nn.Module, path: Path, manifest: dict) -> nn.Module:
         ckpt = Checkpoint.open(path)  # sharded (the block pipeline's output) or compressed-tensors (converted)
         weights = path / (INDEX_NAME if (path / INDEX_NAME).is_file() else WEIGHTS_NAME)
         sd = {name: ckpt.get(name) for name in ckpt.tensors}
+        if manifest.get("source_format"):
+            from ..pipeline.experts import module_namer
+
+            rename = module_namer(model)
+            sd = sd if rename is None else {rename(k): v for k, v in sd.items()}
     elif not weights.is_file():
         raise FormatError(path, f"missing {WEIGHTS_NAME}")
     else:
@@ -333,5 +349,6 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
     from ..pipeline.experts import match_expert_layout
 
     match_expert_layout(model, path)  # compressed MoE experts are stored one linear per expert
+    manifest = module_manifest(model, manifest)
     apply_manifest(model, manifest, source=str(path))
     return load_state_into(model, path, manifest)

@@ -88,6 +88,15 @@ def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokeni
         seen[ident] = key
         tensors[key] = t.detach().contiguous().cpu()
     ignore = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    from ..pipeline.experts import disk_namer, routers
+
+    ignore += [n for n in routers(model) if n not in quant and n not in ignore]  # MoE routers stay float
+    rename = disk_namer(model)  # MoE: the family's on-disk names (Mixtral's block_sparse_moe)
+    if rename is not None:
+        tensors = {rename(k): t for k, t in tensors.items()}
+        ignore = [rename(n) for n in ignore]
+        for g in groups.values():
+            g["targets"] = [rename(n) for n in g["targets"]]
     formats = {g["format"] for g in groups.values()}
     qcfg = {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed",

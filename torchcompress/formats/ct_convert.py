@@ -125,9 +125,21 @@ class CTGroups:
                 **({GPTQ_KEY: dict(sorted(self.gptq.items()))} if self.gptq else {})}
 
 
-def state_to_ct(sd: dict[str, torch.Tensor], modules: dict[str, dict], groups: CTGroups) -> dict[str, torch.Tensor]:
+def state_to_ct(sd: dict[str, torch.Tensor], modules: dict[str, dict], groups: CTGroups,
+                rename=None) -> dict[str, torch.Tensor]:
     """Convert the compressed modules of ``sd`` (full tensor names; a whole model or one shard) whose
-    manifest entries are in ``modules``; other tensors pass through unchanged."""
+    manifest entries are in ``modules``; other tensors pass through unchanged. ``rename`` (a name ->
+    name function, :func:`~..pipeline.experts.disk_namer`) gives tensors and targets their on-disk
+    names (a MoE family whose checkpoint names differ from its module names)."""
+    if rename is not None:
+        mine = CTGroups()
+        out = state_to_ct(sd, modules, mine)
+        for g in mine.groups.values():
+            group = {k: v for k, v in g.items() if k != "targets"}
+            for t in g["targets"]:
+                groups.add(rename(t), group)
+        groups.gptq.update({rename(k): v for k, v in mine.gptq.items()})
+        return {rename(k): v for k, v in out.items()}
     owner = {}
     for key in sd:
         mod = key.rpartition(".")[0]
@@ -333,12 +345,17 @@ def is_ct_config(config: dict) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
-def ct_ignore(model: nn.Module, quantized: set[str]) -> list[str]:
-    """The plain Linear layers of ``model`` (compressed-tensors' ``ignore`` list)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+def ct_ignore(model: nn.Module, quantized: set[str], rename=None) -> list[str]:
+    """The plain Linear layers of ``model`` and its MoE routers (compressed-tensors' ``ignore`` list),
+    under their on-disk names when ``rename`` is given."""
+    from ..pipeline.experts import routers
+
+    out = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    out += [n for n in routers(model) if n not in quantized and n not in out]
+    return [rename(n) for n in out] if rename is not None else out
 
 
-def convert_directory(directory: Path, modules: dict[str, dict]) -> CTGroups:
+def convert_directory(directory: Path, modules: dict[str, dict], rename=None) -> CTGroups:
     """Rewrite the safetensors files of ``directory`` (ours, single or sharded) as compressed-tensors,
     one file at a time (a shard is one block: memory stays bounded); the index follows the new names."""
     from safetensors.torch import load_file
@@ -352,7 +369,7 @@ def convert_directory(directory: Path, modules: dict[str, dict]) -> CTGroups:
     weight_map = {}
     for name in files:
         path = directory / name
-        sd = state_to_ct(load_file(str(path)), modules, groups)
+        sd = state_to_ct(load_file(str(path)), modules, groups, rename)
         tmp = directory / f".{name}.ct.tmp"
         write_safetensors(tmp, sd, {"format": "pt"})
         tmp.replace(path)

@@ -157,3 +157,45 @@ def routed_owners(block: nn.Module) -> dict[int, tuple[ExpertLinears, int]]:
                 for lin in m[e].children():
                     out[id(lin)] = (m, e)
     return out
+
+
+def disk_namer(model: nn.Module):
+    """``name -> name`` a plain transformers checkpoint of ``model``'s family stores (its conversion
+    mapping's renamings reversed, as ``save_pretrained`` does: Mixtral's ``.mlp.`` is
+    ``.block_sparse_moe.`` on disk), or None when ``model`` has no unfused experts or nothing renames."""
+    if not any(isinstance(m, ExpertLinears) for m in model.modules()):
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        mapping = list(get_model_conversion_mapping(model, add_legacy=False))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    reverse = [t.reverse_transform() for t in mapping[::-1] if type(t) is WeightRenaming]
+    if not reverse:
+        return None
+    return lambda name: apply_renamings(name, reverse)
+
+
+def module_namer(model: nn.Module):
+    """The inverse of :func:`disk_namer`: a checkpoint name -> ``model``'s module name (None: identity)."""
+    if disk_namer(model) is None:
+        return None
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in _conversions(model) if type(t) is WeightRenaming]
+    return lambda name: apply_renamings(name, renamings)
+
+
+def routers(model: nn.Module) -> list[str]:
+    """Names of the router-like children of every MoE layer (``gate``, ``shared_expert_gate``): the
+    modules with their own parameters next to an ``experts`` child. They stay float."""
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(getattr(m, "experts", None), nn.Module):
+            continue
+        for c, child in m.named_children():
+            if c != "experts" and any(True for _ in child.parameters(recurse=False)):
+                out.append(f"{name}.{c}" if name else c)
+    return out

@@ -408,8 +408,11 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 if standard_format_reason(manifest) is None:  # compressed-tensors, converted shard by shard
                     from ..formats.ct_convert import convert_directory, ct_ignore
 
-                    groups = convert_directory(d, manifest["modules"])
-                    qcfg = groups.config(ct_ignore(model, set(manifest["modules"])))
+                    from ..pipeline.experts import disk_namer
+
+                    rename = disk_namer(model)  # MoE: the family's on-disk names (Mixtral's block_sparse_moe)
+                    groups = convert_directory(d, manifest["modules"], rename)
+                    qcfg = groups.config(ct_ignore(model, set(manifest["modules"]), rename))
                 write_hf_files(d, model, qcfg, tokenizer)
                 files_ = extra_files(report) if callable(extra_files) else (extra_files or {})
                 for name, data in files_.items():
