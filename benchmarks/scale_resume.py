@@ -131,39 +131,43 @@ def main() -> None:
     ap.add_argument("--recipe", default="w4-gptq-g128")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep the shape's blocks but only this many (default: all; on a loaded 2-core CPU a 1B "
+                    "GPTQ block takes minutes)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs A and B")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    ckpt = root / f"llama-{args.shape}"
+    tag = args.shape + (f"-L{args.layers}" if args.layers else "")
+    ckpt = root / f"llama-{tag}"
     if not (ckpt / "config.json").is_file():
-        write_checkpoint(args.shape, ckpt)
+        write_checkpoint(args.shape, ckpt, layers=args.layers)
     calib = root / f"calib-{args.shape}-{args.samples}x{args.seq_len}.safetensors"
     if not calib.is_file():
         write_calibration(calib, SHAPES[args.shape]["vocab_size"], args.samples, args.seq_len)
-    a, b = root / f"resume-{args.shape}-A", root / f"resume-{args.shape}-B"
+    a, b = root / f"resume-{tag}-A", root / f"resume-{tag}-B"
     for d in (a, b, Path(f"{a}.partial"), Path(f"{b}.partial")):
         shutil.rmtree(d, ignore_errors=True)
-    print(f"{args.shape}: {args.recipe}, {args.samples} x {args.seq_len} calibration tokens, "
+    print(f"{tag}: {args.recipe}, {args.samples} x {args.seq_len} calibration tokens, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}", flush=True)
 
-    ra = _run(_cmd(args, ckpt, calib, a), root / "resume-A.log")
-    assert ra["rc"] == 0, (root / "resume-A.log").read_text()[-3000:]
+    ra = _run(_cmd(args, ckpt, calib, a), root / f"resume-{tag}-A.log")
+    assert ra["rc"] == 0, (root / f"resume-{tag}-A.log").read_text()[-3000:]
     n = ra["blocks"][-1][0]
     times = [t for _, t in ra["blocks"]]
     per_block = (times[-1] - times[0]) / max(1, len(times) - 1)
     print(f"A (uninterrupted): {ra['wall_s']:.0f} s, {n} blocks, {per_block:.1f} s per block", flush=True)
 
     half = n // 2
-    rb = _run(_cmd(args, ckpt, calib, b), root / "resume-B1.log", kill_after=half, kill_delay=per_block / 2)
+    rb = _run(_cmd(args, ckpt, calib, b), root / f"resume-{tag}-B1.log", kill_after=half, kill_delay=per_block / 2)
     state = json.loads((Path(f"{b}.partial") / "state.json").read_text())
     print(f"B (killed): rc {rb['rc']} after {rb['wall_s']:.0f} s, progress had shown block {rb['blocks'][-1][0]}/{n}; "
           f"SIGKILL {per_block / 2:.1f} s later (inside the next block); state.json done_blocks = "
           f"{state['done_blocks']}; {b}.exists() = {b.exists()}", flush=True)
     assert rb["rc"] == -signal.SIGKILL and not b.exists()
 
-    rr = _run(_cmd(args, ckpt, calib, b) + ["--resume"], root / "resume-B2.log")
-    assert rr["rc"] == 0, (root / "resume-B2.log").read_text()[-3000:]
+    rr = _run(_cmd(args, ckpt, calib, b) + ["--resume"], root / f"resume-{tag}-B2.log")
+    assert rr["rc"] == 0, (root / f"resume-{tag}-B2.log").read_text()[-3000:]
     first = rr["blocks"][0][0]
     print(f"B (--resume): {rr['wall_s']:.0f} s, first block computed {first}/{n} (resumed after block "
           f"{state['done_blocks']}), {len(rr['blocks'])} blocks computed", flush=True)
