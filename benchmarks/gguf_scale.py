@@ -3,6 +3,7 @@ the file read back with gguf-py's reader.
 
     OMP_NUM_THREADS=1 python benchmarks/gguf_scale.py --model /tmp/scale/llama-1b --compare
     OMP_NUM_THREADS=1 python benchmarks/gguf_scale.py --model /tmp/scale/llama-8b
+    OMP_NUM_THREADS=1 python benchmarks/gguf_scale.py --throughput     # one 4096x14336 matrix, per type
 
 Each export runs the CLI in a child process; its wall time and peak RSS come from that child's own
 rusage (``os.wait4``). ``--compare`` also exports with ``--stream off`` (the whole model loaded in
@@ -19,6 +20,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's torchcompress
 
 
 def export(model: Path, out: Path, qtype: str, stream: str) -> dict:
@@ -76,14 +79,43 @@ def compare(a: Path, b: Path) -> list[str]:
     return diffs
 
 
+def throughput(rows: int = 4096, cols: int = 14336, ref_rows: int = 64) -> None:
+    """M weights/s of the quantizers Q4_K_M uses on one 8B MLP matrix: the native kernel (what runs
+    when it is built) and the PyTorch reference (its fallback, on ``ref_rows`` rows: it is slow)."""
+    import torch
+
+    from torchcompress.primitives.gguf_blocks import _native_op, quantize, quantize_reference
+    from torchcompress.primitives.gguf_common import GGMLType
+
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
+    print(f"{rows}x{cols} float32, {torch.get_num_threads()} threads; native kernels: {_native_op() is not None}")
+    for name in ["Q4_K", "Q6_K", "Q5_0", "Q8_0"]:
+        t = GGMLType[name]
+        t0 = time.perf_counter()
+        out = quantize(x, t)
+        tn = time.perf_counter() - t0
+        xs = x[:ref_rows]
+        t0 = time.perf_counter()
+        ref = quantize_reference(xs, t)
+        tr = time.perf_counter() - t0
+        same = bool(torch.equal(out[:ref_rows], ref))
+        print(f"  {name}: native {x.numel() / tn / 1e6:7.1f} M weights/s ({tn:.2f} s), PyTorch reference "
+              f"{xs.numel() / tr / 1e6:6.2f} M weights/s; identical on {ref_rows} rows: {same}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--throughput", action="store_true", help="quantizer speed on one 4096x14336 matrix, then stop")
     ap.add_argument("--qtype", default="Q4_K_M")
     ap.add_argument("--out-dir", type=Path, default=None, help="default: beside the model")
     ap.add_argument("--compare", action="store_true", help="also export with --stream off and compare the files")
     ap.add_argument("--keep", action="store_true", help="keep the .gguf files")
     args = ap.parse_args()
+    if args.throughput:
+        return throughput()
+    if args.model is None:
+        ap.error("--model is required (or --throughput)")
     d = args.out_dir or args.model.parent
     streamed = d / f"{args.model.name}-{args.qtype}-stream.gguf"
     export(args.model, streamed, args.qtype, "on")
