@@ -121,3 +121,15 @@ def test_streamed_stage_peak_is_the_max_over_its_blocks(otel, monkeypatch, src, 
     assert len(seen) >= 3 and st.peak_rss_bytes > base + BIG - 56 * MIB
     (span,) = [s for s in otel.spans() if s.name == N.SPAN_STAGE]
     assert span.attributes[N.MEM_HOST_PEAK] == st.peak_rss_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_of_a_window():
+    dev = torch.device("cuda")
+    with PeakMemory(dev) as m:
+        t = torch.ones(BIG // 4, device=dev)
+        del t
+    assert m.peak_cuda_bytes >= BIG
+    with PeakMemory(dev) as idle:  # below the process's CUDA peak, nothing held: the sampled path
+        torch.cuda.synchronize()
+    assert idle.peak_cuda_bytes < BIG
