@@ -37,7 +37,8 @@ SHAPES = {
 SHARD_BYTES = 2 * 2**30
 
 
-def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
+def write_checkpoint(shape: str, out: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """``layers``: keep the shape's blocks but only that many of them (a shorter run of the same blocks)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,7 +46,8 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
     from torchcompress.formats.atomic import atomic_directory
     from torchcompress.pipeline.shards import INDEX_NAME, write_safetensors
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+    spec = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = LlamaConfig(**spec, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
                       dtype="bfloat16")
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)

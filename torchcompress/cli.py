@@ -565,7 +565,7 @@ def cmd_export(args) -> int:
     if not str(args.out).endswith(".gguf"):
         raise InputError(f"--out {args.out}: must be a .gguf file name")
     _check_outputs(args, "--out")
-    src = _stream_source(args.model, "auto")
+    src = _stream_source(args.model, args.stream)
     if src is not None and not args.imatrix:
         return _export_gguf_streaming(args, ft, src)
     t0 = time.perf_counter()
@@ -695,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "imatrix or computed from calibration text ('pydoc', 'self', a text file...)")
     x.add_argument("--imatrix-samples", type=_positive("--imatrix-samples"), default=64,
                    help="calibration samples of 512 tokens for --imatrix")
+    x.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="gguf from a safetensors checkpoint: one tensor in memory at a time (auto: when the model "
+                   "in float32 exceeds 2 GiB); off loads the whole model first")
     x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("recipe", help="recipe tools")

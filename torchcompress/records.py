@@ -42,3 +42,7 @@ class StageRecord:
     kind: str
     seconds: float
     modules: int
+    # the stage's peak host RSS and CUDA memory (telemetry/memory.py: exact when the stage set the
+    # process's peak, else sampled); None where not measured
+    peak_rss_bytes: int | None = None
+    peak_cuda_bytes: int | None = None

@@ -126,6 +126,7 @@ CLI_ROWS = [
     (X + " --imatrix {tmp}/missing.safetensors", "missing.safetensors"),
     (X + " --imatrix-samples 0", "--imatrix-samples"),
     (X + " --tokenizer-pre bad/name", "--tokenizer-pre"),
+    (X + " --stream maybe", "--stream"),
     ("export --model {model} --format gptq --out {tmp}/g", "quantized"),
     ("export --model {model} --format compressed-tensors --out {tmp}/g.gguf", "--out"),
     # recipe check

@@ -67,15 +67,20 @@ def compress(model: nn.Module, recipe: Recipe, calib_data=None, *, on_stage: Cal
     unfuse_experts_(model)  # transformers 5 fuses MoE experts into 3-D tensors: one nn.Linear per projection
     report = Report(recipe=recipe.name, size_bytes_before=model_bytes(model), size_bytes_after=0,
                     bytes_by_type_before=bytes_by_module_type(model))
+    from ..telemetry.memory import PeakMemory
+
     tel = for_run(recipe)  # OpenTelemetry spans compress > stage > layer (from the LayerRecords) + metrics; no-op when off
+    device = next((p.device for p in model.parameters()), None)
     with tel.run(report, calib_data):
         for i, stage in enumerate(recipe.stages):
             runner = RUNNERS[type(stage.config)]
             start = time.perf_counter()
             before = len(report.layers)
-            with torch.no_grad(), tel.stage(i, stage, report.layers) as records:
+            meter = PeakMemory(device)  # the stage's peak host / CUDA memory: report and stage span
+            with torch.no_grad(), tel.stage(i, stage, report.layers, memory=meter) as records, meter:
                 runner(model, stage, records, calib_data)
-            rec = StageRecord(stage.name, stage.kind, time.perf_counter() - start, len(report.layers) - before)
+            rec = StageRecord(stage.name, stage.kind, time.perf_counter() - start, len(report.layers) - before,
+                              meter.peak_rss_bytes, meter.peak_cuda_bytes)
             if rec.modules == 0:
                 check_composes(recipe, stage, report.stages)
                 log.warning("stage %s (%s) changed no module: check its targets/ignore", stage.name, stage.kind)

@@ -33,6 +33,7 @@ from ..pipeline.skeleton import (Prefetcher, assign_state, build_skeleton, find_
                                  tied_sources)
 from ..pipeline.view import block_view, modules_view
 from ..records import LayerRecord, StageRecord
+from ..telemetry.memory import PeakMemory
 from .runner import Report, check_composes
 from .stage_runners import record_quant
 from .schema import Recipe, Stage
@@ -51,11 +52,13 @@ class _Plan:
         self.prepare: Callable[[nn.Module], None] | None = None
         self.unties = False
         self.float_pass: Callable | None = None  # called with a _FloatPass before the main pass (budget search)
+        self.memory = PeakMemory()  # the stage's peak host (and device) memory over its blocks
         inner = step.apply
 
         def timed(ctx):
             t0 = time.perf_counter()
-            inner(ctx)
+            with self.memory:
+                inner(ctx)
             self.seconds += time.perf_counter() - t0
 
         step.apply = timed
@@ -302,11 +305,14 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
             for p in plans:  # what finished blocks recorded before a kill
                 p.records.extend(LayerRecord(**r) for r in writer.extra.get("records", {}).get(p.stage.name, []))
                 p.seconds = writer.extra.get("seconds", {}).get(p.stage.name, 0.0)
+                p.memory = PeakMemory(device)
+                p.memory.merge(**writer.extra.get("memory", {}).get(p.stage.name, {}))
             for p in plans:  # stages that need the whole float model first (the budget search)
                 if p.float_pass is not None:
                     t0 = time.perf_counter()
-                    p.float_pass(_FloatPass(model, prefix, blocks, outside, ckpt, dtype, device, calib, calib_all,
-                                         batch_size, offload_dir))
+                    with p.memory:
+                        p.float_pass(_FloatPass(model, prefix, blocks, outside, ckpt, dtype, device, calib, calib_all,
+                                             batch_size, offload_dir))
                     p.seconds += time.perf_counter() - t0
             inputs = None
             if needs_forward:
@@ -349,6 +355,8 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 writer.write_shard(b, _cpu_state(block, f"{prefix}.{b}."), compressed_modules(block, f"{prefix}.{b}."))
                 writer.extra["records"] = {p.stage.name: [r.__dict__ for r in p.records] for p in plans}
                 writer.extra["seconds"] = {p.stage.name: p.seconds for p in plans}
+                writer.extra["memory"] = {p.stage.name: {"peak_rss": p.memory.peak_rss_bytes,
+                                                         "peak_cuda": p.memory.peak_cuda_bytes} for p in plans}
                 writer.block_done(b, inp.hidden if inp is not None else None)
                 release(block)
 
@@ -369,7 +377,8 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 for p in plans:
                     if p.rest is not None:
                         t0 = time.perf_counter()
-                        p.rest(view)
+                        with p.memory:
+                            p.rest(view)
                         p.seconds += time.perf_counter() - t0
                 new = view.get_submodule(name)
                 if new is not model.get_submodule(name):
@@ -388,9 +397,10 @@ def compress_checkpoint(src, recipe: Recipe, out, *, calib=None, device=torch.de
                 writer.write_shard(len(blocks) + i, state, compressed_modules(new, f"{name}."))
                 release(new)
             for i, p in enumerate(plans):
-                with tel.stage(i, p.stage, report.layers) as obs:  # the stage's layer records, in its span
+                with tel.stage(i, p.stage, report.layers, memory=p.memory) as obs:  # the stage's layer records, in its span
                     obs.extend(p.records)
-                rec = StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records))
+                rec = StageRecord(p.stage.name, p.stage.kind, p.seconds, len(p.records), p.memory.peak_rss_bytes,
+                                  p.memory.peak_cuda_bytes)
                 if rec.modules == 0:
                     check_composes(recipe, p.stage, report.stages)
                     log.warning("stage %s (%s) changed no module: check its targets/ignore", p.stage.name, p.stage.kind)

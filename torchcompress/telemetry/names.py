@@ -44,6 +44,8 @@ EVAL_TEXT = "torchcompress.eval.text"
 EVAL_TOKENS = "torchcompress.eval.tokens"
 SCOPE_KIND = "torchcompress.inference.scope"  # "model" | "module"
 DEVICE = "torchcompress.device.type"
+MEM_HOST_PEAK = "torchcompress.memory.host.peak"  # By: peak resident set size during the stage / run
+MEM_DEVICE_PEAK = "torchcompress.memory.device.peak"  # By: peak CUDA memory allocated during the stage
 
 # metrics: (name, unit, description)
 M_RATIO = ("torchcompress.compression.ratio", "1", "Model tensor bytes before / after compression")

@@ -114,6 +114,16 @@ def layer_attributes(rec) -> dict:
     return attrs
 
 
+def memory_attributes(mem: dict) -> dict:
+    """Span attributes of a ``{"peak_rss_bytes", "peak_cuda_bytes"}`` dict (bytes)."""
+    out = {}
+    if mem.get("peak_rss_bytes") is not None:
+        out[N.MEM_HOST_PEAK] = int(mem["peak_rss_bytes"])
+    if mem.get("peak_cuda_bytes") is not None:
+        out[N.MEM_DEVICE_PEAK] = int(mem["peak_cuda_bytes"])
+    return out
+
+
 def _guard(what: str):
     """Decorator: telemetry bookkeeping that fails logs at DEBUG and lets the job go on."""
     def wrap(fn):
@@ -148,7 +158,7 @@ class _Off:
     def run(self, report, calib=None):
         return contextlib.nullcontext()
 
-    def stage(self, index, stage, records):
+    def stage(self, index, stage, records, memory=None):
         return contextlib.nullcontext(records)
 
 
@@ -180,6 +190,9 @@ class RunTelemetry:
             ratio = report.compression_ratio
             span.set_attributes({N.BYTES_BEFORE: report.size_bytes_before, N.BYTES_AFTER: report.size_bytes_after,
                                  N.RATIO: ratio, N.MODULE_COUNT: len(report.layers)})
+            from ..progress import peak_rss_bytes
+
+            span.set_attributes({N.MEM_HOST_PEAK: peak_rss_bytes()})  # the process's peak: the run's, for a CLI run
             base = {N.RECIPE: attrs[N.RECIPE]}
             self.m.ratio.set(ratio, base)
             self.m.size.set(report.size_bytes_before, {**base, N.MODEL_STATE: "uncompressed"})
@@ -187,7 +200,9 @@ class RunTelemetry:
         self.m.duration.record(seconds, {N.RECIPE: attrs[N.RECIPE], **({"error.type": err} if err else {})})
 
     @contextlib.contextmanager
-    def stage(self, index, stage, records):
+    def stage(self, index, stage, records, memory=None):
+        """``memory``: a :class:`~.memory.PeakMemory` (or anything with ``as_dict()``) read when the
+        stage ends: its peaks go on the stage span."""
         attrs = stage_attributes(self.recipe.name, index, stage)
         obs = _Records(self, attrs)
         t0, err = time.perf_counter(), None
@@ -200,13 +215,15 @@ class RunTelemetry:
                 raise
             finally:
                 list.extend(records, obs)
-                self._stage_done(span, obs, attrs, time.perf_counter() - t0, err)
+                self._stage_done(span, obs, attrs, time.perf_counter() - t0, err, memory)
 
     @_guard("stage metrics")
-    def _stage_done(self, span, obs, attrs, seconds, err):
+    def _stage_done(self, span, obs, attrs, seconds, err, memory=None):
         before, after = sum(r.bytes_before for r in obs), sum(r.bytes_after for r in obs)
         span.set_attributes({N.MODULE_COUNT: len(obs), N.BYTES_BEFORE: before, N.BYTES_AFTER: after,
                              N.RATIO: before / max(after, 1)})
+        if memory is not None:
+            span.set_attributes(memory_attributes(memory.as_dict()))
         keys = (N.RECIPE, N.STAGE, N.TECHNIQUE)
         self.m.stage_duration.record(seconds, {**{k: attrs[k] for k in keys}, **({"error.type": err} if err else {})})
 
