@@ -44,6 +44,16 @@ inline int64_t row_grain(int64_t K, int64_t M) {
   return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * std::min<int64_t>(M, 8), 1));
 }
 
+// Rows s..e of several weights laid end to end (part j owns rows start[j]..start[j+1]): calls
+// f(j, a, b) with part j's own row range for every part the range touches (the *_linear_rows entries).
+template <class F>
+inline void for_each_part(const std::vector<int64_t>& start, int64_t s, int64_t e, F&& f) {
+  for (size_t j = 0; j + 1 < start.size(); ++j) {
+    const int64_t a = std::max(s, start[j]) - start[j], b = std::min(e, start[j + 1]) - start[j];
+    if (a < b) f(j, a, b);
+  }
+}
+
 // Entry points defined in gguf_linear.cpp, registered by int_linear.cpp's module.
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, const c10::optional<at::Tensor>& bias,
                        int64_t qtype, int64_t in_features, const std::string& isa_name, const std::string& path,

@@ -167,16 +167,14 @@ at::Tensor gguf_linear_rows(const at::Tensor& x, const std::vector<at::Tensor>& 
   at::Tensor out = at::empty({1, start[P]}, x2.options());
   for (size_t j = 0; j < P; ++j) parts[j].out = out.data_ptr<float>() + start[j];  // one row: column offset
   at::parallel_for(0, start[P], row_grain(in_features, 1), [&](int64_t s, int64_t e) {
-    for (size_t j = 0; j < P; ++j) {
-      const int64_t a = std::max(s, start[j]) - start[j], b = std::min(e, start[j + 1]) - start[j];
-      if (a >= b) continue;
+    for_each_part(start, s, e, [&](size_t j, int64_t a, int64_t b) {
       if (isa == Isa::Avx512) gguf_rows_avx512(parts[j], a, b);
       else if (isa == Isa::Avx2) gguf_rows_avx2(parts[j], a, b);
       else {
         std::vector<float> wbuf(static_cast<size_t>(in_features));
         gguf_rows_portable(parts[j], a, b, wbuf.data());
       }
-    }
+    });
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = start[P];
