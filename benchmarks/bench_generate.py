@@ -7,8 +7,10 @@ llama.cpp quantizes it). Variants, all timed interleaved in one process (round r
 once), median over rounds:
 
 * ``llama.cpp Q4_0``      the exported file through llama.cpp;
-* ``Q4_0 runtime``        the same file through :mod:`torchcompress.runtime` (static KV cache, layers
-                          bound to the native kernels);
+* ``Q4_0 runtime``        the same file through :mod:`torchcompress.runtime` (static KV cache, each
+                          decode step one native call: ``DecodePlan``, one OpenMP region per step);
+* ``Q4_0 per-op``         the same decoder with the step run op by op from Python (layers bound to the
+                          native kernels, one parallel region per linear layer): ``TORCHCOMPRESS_DECODE_STEP=0``;
 * ``Q4_0 generate``       the same modules through transformers' ``generate()``;
 * ``W4 g128 runtime``     the float model quantized in memory: RTN 4 bits, group 128, symmetric, on
                           every Linear, with the output projection at 8 bits per channel (the tied
@@ -70,6 +72,18 @@ def runtime_generate(model, ids, n: int, eos: int) -> torch.Tensor:
     return generate(model, ids, n, eos_token_id=eos, min_new_tokens=n)[0, ids.shape[1]:]
 
 
+def per_op_generate(model, ids, n: int, eos: int) -> torch.Tensor:
+    old = os.environ.get("TORCHCOMPRESS_DECODE_STEP")
+    os.environ["TORCHCOMPRESS_DECODE_STEP"] = "0"
+    try:
+        return runtime_generate(model, ids, n, eos)
+    finally:
+        if old is None:
+            os.environ.pop("TORCHCOMPRESS_DECODE_STEP")
+        else:
+            os.environ["TORCHCOMPRESS_DECODE_STEP"] = old
+
+
 def quantize_w4_w8_head(model):
     import torchcompress as tc
 
@@ -124,7 +138,8 @@ def main(argv=None) -> None:
     base = load_model("default").model.float().eval()
     w4 = quantize_w4_w8_head(copy.deepcopy(base)).eval()
 
-    variants = {"Q4_0 runtime": (runtime_generate, q4.model), "W4 g128 runtime": (runtime_generate, w4),
+    variants = {"Q4_0 runtime": (runtime_generate, q4.model), "Q4_0 per-op": (per_op_generate, q4.model),
+                "W4 g128 runtime": (runtime_generate, w4), "W4 g128 per-op": (per_op_generate, w4),
                 "float runtime": (runtime_generate, base)}
     if not args.skip_generate:
         variants.update({"Q4_0 generate": (hf_generate, q4.model), "float generate": (hf_generate, base)})
@@ -173,7 +188,8 @@ def main(argv=None) -> None:
         print(f"llama.cpp ran {llama_what}, the file our Q4_0 variants load")
     if not args.skip_reference:
         with Forced("reference"):
-            for name, model in (("Q4_0 runtime", q4.model), ("W4 g128 runtime", w4), ("float runtime", base)):
+            for name, model in (("Q4_0 runtime", q4.model), ("Q4_0 per-op", q4.model), ("W4 g128 runtime", w4),
+                                ("W4 g128 per-op", w4), ("float runtime", base)):
                 same = torch.equal(tokens[name], hf_generate(model, ids, n, eos))
                 print(f"{name}: tokens equal transformers generate() on the reference kernels: {same}")
 

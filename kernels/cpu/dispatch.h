@@ -63,4 +63,7 @@ at::Tensor gguf_linear_rows(const at::Tensor& x, const std::vector<at::Tensor>& 
                             const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& qtypes,
                             int64_t in_features);
 
+// decode_step.cpp: the DecodePlan class (a whole Llama-family decode step in one call).
+void register_decode(pybind11::module& m);
+
 }  // namespace tc_kernels

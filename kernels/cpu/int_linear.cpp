@@ -239,5 +239,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear_rows", &tc_kernels::gguf_linear_rows,
         "torch.cat([gguf_linear(x, part j) for j], -1) in one call (one parallel region for one row of x)",
         py::arg("x"), py::arg("blocks"), py::arg("biases"), py::arg("qtypes"), py::arg("in_features"));
+  tc_kernels::register_decode(m);
   m.def("available_isas", &tc_kernels::available_isas, "instruction sets usable on this CPU, best first");
 }

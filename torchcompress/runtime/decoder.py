@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .kernels import Kernel, bind, bind_rows
+from .kernels import RMS_NORMS, Kernel, bind, bind_rows, native_plan
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -51,7 +51,7 @@ class _Block:
 
 # RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight computed in fp32: for fp32
 # weights torch.rms_norm gives the same bits in one op instead of six (tests check the tokens)
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_RMS_NORMS = RMS_NORMS
 
 
 def _norm(mod: nn.Module):
@@ -72,9 +72,11 @@ def _get(obj, path: str, where: str):
 
 
 class Decoder:
-    """Static-cache decoding state for one model: ``max_len`` positions for ``batch`` sequences."""
+    """Static-cache decoding state for one model: ``max_len`` positions for ``batch`` sequences.
+    ``isa`` picks the native decode step's instruction set (``auto``: the best this CPU has; tests
+    name ``avx2`` to cover the AMD path on an AVX-512 machine)."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1):
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, isa: str = "auto"):
         cfg = model.config
         kind = getattr(cfg, "model_type", None)
         if kind not in SUPPORTED:
@@ -116,6 +118,8 @@ class Decoder:
         self.norm_kernel = _norm(self.norm)
         self.layer_k = list(self.k_cache.unbind(0))  # (batch, n_kv, max_len, head_dim) views per block
         self.layer_v = list(self.v_cache.unbind(0))
+        # one native call per decode step when every block's layers have native kernels (batch 1, fp32)
+        self.plan = native_plan(self, layers, isa) if batch == 1 and dtype == torch.float32 else None
 
     def _block(self, i: int, layer: nn.Module) -> _Block:
         where = f"model.model.layers.{i}"
@@ -140,6 +144,9 @@ class Decoder:
             raise InputError(f"Decoder: built for batch {self.batch}, got {B} sequences")
         if pos < 0 or pos + T > self.max_len:
             raise InputError(f"Decoder: positions {pos}..{pos + T - 1} exceed max_len {self.max_len}")
+        if T == 1 and self.plan is not None:
+            h = self.plan.step(self.embed(ids).reshape(1, -1), pos)
+            return self.head_kernel(self.norm_kernel(h))
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         h = self.embed(ids)  # (B, T, H)
         H = h.shape[-1]

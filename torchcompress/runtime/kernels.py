@@ -14,6 +14,7 @@ low-rank wrappers; the reference backend forced by ``TORCHCOMPRESS_KERNEL``) is 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -104,3 +105,84 @@ def bind_rows(mods: Sequence[nn.Module]) -> Kernel:
     if len(kernels) == 1:
         return kernels[0]
     return lambda x: torch.cat([k(x) for k in kernels], dim=-1)
+
+
+# RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight computed in fp32
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def rms_params(mod: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a Llama-style RMSNorm with fp32 weights on CPU, else None."""
+    w = getattr(mod, "weight", None)
+    eps = getattr(mod, "variance_epsilon", None)
+    if type(mod).__name__ in RMS_NORMS and w is not None and w.dtype == torch.float32 and eps is not None:
+        if w.device.type == "cpu":
+            return w.detach(), float(eps)
+    return None
+
+
+class _NotNative(Exception):
+    pass
+
+
+def native_plan(dec, layers: Sequence[nn.Module], isa: str = "auto"):
+    """The native ``DecodePlan`` running a whole decode step of ``dec``'s blocks in one call, or None
+    when a part has no native kernel (a float or wrapped linear layer, another norm, a bf16 model, no
+    AVX2, the extension unavailable, ``TORCHCOMPRESS_DECODE_STEP=0``): the decoder then runs its
+    per-op path. The plan reads the modules' own packed tensors and writes ``dec``'s KV caches.
+    ``isa``: the instruction set of its row kernels (``auto`` = the best this CPU has)."""
+    from ..nn.gguf_linear import GGUFLinear
+    from ..nn.quant_linear import QuantLinear
+
+    if os.environ.get("TORCHCOMPRESS_DECODE_STEP", "1") == "0":
+        return None
+    ext = _native()
+    if ext is None or not hasattr(ext, "DecodePlan") or ext.available_isas()[0] == "portable":
+        return None
+    if dec.k_cache.dtype != torch.float32 or dec.k_cache.device.type != "cpu":
+        return None
+    hidden = dec.embed.weight.shape[-1] if hasattr(dec.embed, "weight") else None
+    hidden = hidden or getattr(dec.model.config, "hidden_size")
+    plan = ext.DecodePlan(hidden, dec.n_heads, dec.n_kv, dec.head_dim, dec.scaling, dec.cos[0].contiguous(),
+                          dec.sin[0].contiguous(), dec.k_cache, dec.v_cache, isa)
+
+    def lin(mod) -> int:
+        if type(mod) is GGUFLinear:
+            args = _gguf_args(mod, ext)
+            if args is not None:
+                blocks, bias, qtype, k, _ = args
+                return plan.add_gguf(blocks, bias, qtype, k)
+        if type(mod) is QuantLinear:
+            args = _int_args(mod)
+            if args is not None and args[4] in (4, 8):
+                qweight, scale, zero, bias, bits, group, k = args
+                try:
+                    return plan.add_int(qweight, scale, zero, bias, bits, group, k)
+                except RuntimeError:  # a layout without a SIMD kernel (odd 4-bit groups)
+                    raise _NotNative from None
+        raise _NotNative
+
+    def norm(mod) -> tuple[torch.Tensor, float]:
+        p = rms_params(mod)
+        if p is None:
+            raise _NotNative
+        return p
+
+    try:
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            n1, e1 = norm(layer.input_layernorm)
+            n2, e2 = norm(layer.post_attention_layernorm)
+            qn = kn = None
+            qk_eps = 0.0
+            if getattr(attn, "q_norm", None) is not None:
+                qn, qk_eps = norm(attn.q_norm)
+                kn, _ = norm(attn.k_norm)
+            qkv = [lin(attn.q_proj), lin(attn.k_proj), lin(attn.v_proj)]
+            o = lin(attn.o_proj)
+            gate_up = [lin(mlp.gate_proj), lin(mlp.up_proj)]
+            down = lin(mlp.down_proj)
+            plan.add_layer(n1, e1, qkv, qn, kn, qk_eps, o, n2, e2, gate_up, down)
+    except _NotNative:
+        return None
+    return plan
