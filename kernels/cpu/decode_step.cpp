@@ -42,6 +42,8 @@ struct Group {
   std::vector<int64_t> start;  // part j owns output rows start[j]..start[j+1]
   int64_t K = 0;
   bool int4 = false, int8 = false;  // which prepared copies of x the int parts read
+  int slot = 0;  // which set of prepared buffers: 0 for q/k/v and gate/up, 1 for o and down (one set is
+                 // written while the other group's rows still read theirs)
 };
 
 struct Layer {
@@ -186,12 +188,12 @@ class DecodePlan {
       L.qk_eps = static_cast<float>(qk_eps);
     }
     const int64_t qkv_rows = (nh_ + 2 * nkv_) * hd_;
-    L.qkv = group(qkv, H_, qkv_rows, "q/k/v");
-    L.o = group({o}, nh_ * hd_, H_, "o_proj");
-    L.gate_up = group(gate_up, H_, -1, "gate/up");
+    L.qkv = group(qkv, H_, qkv_rows, "q/k/v", 0);
+    L.o = group({o}, nh_ * hd_, H_, "o_proj", 1);
+    L.gate_up = group(gate_up, H_, -1, "gate/up", 0);
     const int64_t inter = L.gate_up.start.back() / 2;
     TORCH_CHECK(gate_up.size() == 2 && lins_[gate_up[0]].N == inter, "DecodePlan: gate and up must have equal widths");
-    L.down = group({down}, inter, H_, "down_proj");
+    L.down = group({down}, inter, H_, "down_proj", 1);
     inter_ = std::max(inter_, inter);
     layers_.push_back(std::move(L));
   }
@@ -214,41 +216,43 @@ class DecodePlan {
         const Layer& L = layers_[li];
 #pragma omp single
         {
+          if (li > 0)
+            for (int64_t i = 0; i < H_; ++i) hp[i] += out_[i];  // the previous block's MLP residual
           rms_norm(hp, L.norm1.data_ptr<float>(), H_, L.eps1, x_.data());
-          prepare(L.qkv, x_.data());
+          prepare(L.qkv, x_.data(), 0, H_, true);
         }
         rows(L.qkv, x_.data(), qkv_.data(), tid, n);
 #pragma omp barrier
 #pragma omp single
         rope_and_cache(L, li, pos);
+        // each thread's query heads, then their slices of o_proj's prepared input
         attention(li, T, scores, tid, n);
+        for (int64_t h = tid; h < nh_; h += n) prepare(L.o, attn_.data(), h * hd_, (h + 1) * hd_, h == tid && tid == 0);
 #pragma omp barrier
-#pragma omp single
-        prepare(L.o, attn_.data());
         rows(L.o, attn_.data(), out_.data(), tid, n);
 #pragma omp barrier
 #pragma omp single
         {
           for (int64_t i = 0; i < H_; ++i) hp[i] += out_[i];
           rms_norm(hp, L.norm2.data_ptr<float>(), H_, L.eps2, x_.data());
-          prepare(L.gate_up, x_.data());
+          prepare(L.gate_up, x_.data(), 0, H_, true);
         }
-        rows(L.gate_up, x_.data(), gu_.data(), tid, n);
-#pragma omp barrier
-#pragma omp single
-        {
-          const int64_t I = L.gate_up.start.back() / 2;
-          for (int64_t i = 0; i < I; ++i) {
+        {  // gate and up rows i in this thread's range, so SiLU(g) * u of the same i follows here
+          const int64_t I = L.gate_up.start.back() / 2, a = I * tid / n, b = I * (tid + 1) / n;
+          part_rows(L.gate_up, 0, x_.data(), gu_.data(), a, b);
+          part_rows(L.gate_up, 1, x_.data(), gu_.data() + I, a, b);
+          for (int64_t i = a; i < b; ++i) {
             const float g = gu_[i];
             act_[i] = g / (1.0f + std::exp(-g)) * gu_[I + i];
           }
-          prepare(L.down, act_.data());
+          prepare(L.down, act_.data(), a, b, tid == 0);
         }
+#pragma omp barrier
         rows(L.down, act_.data(), out_.data(), tid, n);
 #pragma omp barrier
-#pragma omp single
-        for (int64_t i = 0; i < H_; ++i) hp[i] += out_[i];
       }
+#pragma omp single
+      for (int64_t i = 0; i < H_; ++i) hp[i] += out_[i];
     }
     return h;
   }
@@ -274,9 +278,10 @@ class DecodePlan {
     return b.data_ptr<float>();
   }
 
-  Group group(const std::vector<int64_t>& ids, int64_t K, int64_t rows, const char* what) {
+  Group group(const std::vector<int64_t>& ids, int64_t K, int64_t rows, const char* what, int slot) {
     Group g;
     g.K = K;
+    g.slot = slot;
     g.start.push_back(0);
     for (int64_t id : ids) {
       TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(lins_.size()), "DecodePlan: ", what, ": no linear ", id);
@@ -301,26 +306,61 @@ class DecodePlan {
     out_.assign(static_cast<size_t>(H_), 0.f);
     gu_.assign(static_cast<size_t>(2 * inter_), 0.f);
     act_.assign(static_cast<size_t>(inter_), 0.f);
-    xa_.assign(std::max(width, static_cast<size_t>(round_up(max_k_, 16) + 16)), 0.f);
-    xb_.assign(width, 0.f);
-    x8_.assign(static_cast<size_t>(round_up(max_k_, 16) + 16), 0.f);
+    for (int s = 0; s < 2; ++s) {
+      xa_[s].assign(width, 0.f);
+      xb_[s].assign(width, 0.f);
+      x8_[s].assign(static_cast<size_t>(round_up(max_k_, 16) + 16), 0.f);
+    }
     scores_.assign(static_cast<size_t>(std::max(1, at::get_num_threads())) * max_len_, 0.f);
   }
 
-  // The int kernels' zero-padded activation copies (int_linear.cpp's prepare_x for one row).
-  void prepare(const Group& g, const float* x) {
+  // Elements a..b of the int kernels' zero-padded activation copies of x (int_linear.cpp's prepare_x
+  // for one row: 4 bits even/odd columns, 8 bits x itself); pad: also zero everything past K (one
+  // caller per group does it; the buffers are shared by groups of different widths).
+  void prepare(const Group& g, const float* x, int64_t a, int64_t b, bool pad) {
     const int64_t K = g.K;
+    float* xa = xa_[g.slot].data();
+    float* xb = xb_[g.slot].data();
+    float* x8 = x8_[g.slot].data();
     if (g.int4) {
-      const int64_t width = (K + 1) / 2;
-      for (int64_t k = 0; k < width; ++k) {
-        xa_[k] = x[2 * k];
-        xb_[k] = 2 * k + 1 < K ? x[2 * k + 1] : 0.f;
+      for (int64_t k = a; k < b; ++k) (k & 1 ? xb : xa)[k >> 1] = x[k];
+      if (pad) {
+        const int64_t width = (K + 1) / 2, size = static_cast<int64_t>(xb_[g.slot].size());
+        if (K & 1) xb[width - 1] = 0.f;
+        std::fill(xa + width, xa + size, 0.f);
+        std::fill(xb + width, xb + size, 0.f);
       }
-      for (int64_t k = width; k < static_cast<int64_t>(xb_.size()); ++k) xa_[k] = xb_[k] = 0.f;
     }
     if (g.int8) {
-      std::memcpy(x8_.data(), x, static_cast<size_t>(K) * sizeof(float));
-      std::fill(x8_.begin() + K, x8_.end(), 0.f);
+      std::memcpy(x8 + a, x + a, static_cast<size_t>(b - a) * sizeof(float));
+      if (pad) std::fill(x8 + K, x8 + x8_[g.slot].size(), 0.f);
+    }
+  }
+
+  // Rows a..b of part j of the group (a GGUF or an int layer), written to out[a..b).
+  void part_rows(const Group& g, size_t j, const float* x, float* out, int64_t a, int64_t b) {
+    if (a >= b) return;
+    const Lin& l = lins_[g.lins[j]];
+    if (l.gguf) {
+      GGUFProblem p = l.g;
+      p.x = x;
+      p.out = out;
+      if (isa_ == Isa::Avx512) gguf_rows_avx512(p, a, b);
+      else gguf_rows_avx2(p, a, b);
+    } else {
+      Problem p = l.q;
+      p.out = out;
+      Prepared q;
+      if (p.bits == 4) {
+        q.xa = xa_[g.slot].data();
+        q.xb = xb_[g.slot].data();
+        q.ldx = static_cast<int64_t>(xb_[g.slot].size());
+      } else {
+        q.xa = x8_[g.slot].data();
+        q.ldx = static_cast<int64_t>(x8_[g.slot].size());
+      }
+      if (isa_ == Isa::Avx512) gemv_rows_avx512(p, q, a, b);
+      else gemv_rows_avx2(p, q, a, b);
     }
   }
 
@@ -328,32 +368,7 @@ class DecodePlan {
   void rows(const Group& g, const float* x, float* out, int tid, int n) {
     const int64_t R = g.start.back();
     const int64_t s = R * tid / n, e = R * (tid + 1) / n;
-    const int64_t K = g.K;
-    for_each_part(g.start, s, e, [&](size_t j, int64_t a, int64_t b) {
-      Lin& l = lins_[g.lins[j]];
-      if (l.gguf) {
-        GGUFProblem p = l.g;
-        p.x = x;
-        p.out = out + g.start[j];
-        if (isa_ == Isa::Avx512) gguf_rows_avx512(p, a, b);
-        else gguf_rows_avx2(p, a, b);
-      } else {
-        Problem p = l.q;
-        p.out = out + g.start[j];
-        Prepared q;
-        if (p.bits == 4) {
-          q.xa = xa_.data();
-          q.xb = xb_.data();
-          q.ldx = static_cast<int64_t>(xb_.size());
-        } else {
-          q.xa = x8_.data();
-          q.ldx = static_cast<int64_t>(x8_.size());
-        }
-        (void)K;
-        if (isa_ == Isa::Avx512) gemv_rows_avx512(p, q, a, b);
-        else gemv_rows_avx2(p, q, a, b);
-      }
-    });
+    for_each_part(g.start, s, e, [&](size_t j, int64_t a, int64_t b) { part_rows(g, j, x, out + g.start[j], a, b); });
   }
 
   float* kslot(int64_t li, int64_t g, int64_t t) {
@@ -418,7 +433,8 @@ class DecodePlan {
   at::Tensor cos_, sin_, kc_, vc_;
   std::vector<Lin> lins_;
   std::vector<Layer> layers_;
-  std::vector<float> x_, qkv_, attn_, out_, gu_, act_, xa_, xb_, x8_, scores_;
+  std::vector<float> x_, qkv_, attn_, out_, gu_, act_, scores_;
+  std::vector<float> xa_[2], xb_[2], x8_[2];
 };
 
 void register_decode(pybind11::module& m) {
