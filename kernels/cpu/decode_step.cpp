@@ -175,6 +175,7 @@ class DecodePlan {
                  const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm, double qk_eps,
                  int64_t o, const at::Tensor& norm2, double eps2, const std::vector<int64_t>& gate_up, int64_t down) {
     const int64_t li = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(x_.empty(), "DecodePlan: layers are added before the first step");
     TORCH_CHECK(li < kc_.size(0), "DecodePlan: the caches hold ", kc_.size(0), " layers");
     Layer L;
     L.norm1 = vec(norm1, H_, "norm1");
@@ -207,6 +208,7 @@ class DecodePlan {
     alloc();
     float* hp = h.data_ptr<float>();
     const int nt = std::max(1, at::get_num_threads());
+    if (scores_.size() < static_cast<size_t>(nt) * max_len_) scores_.assign(static_cast<size_t>(nt) * max_len_, 0.f);
     const int64_t T = pos + 1;
 #pragma omp parallel num_threads(nt)
     {
@@ -311,7 +313,6 @@ class DecodePlan {
       xb_[s].assign(width, 0.f);
       x8_[s].assign(static_cast<size_t>(round_up(max_k_, 16) + 16), 0.f);
     }
-    scores_.assign(static_cast<size_t>(std::max(1, at::get_num_threads())) * max_len_, 0.f);
   }
 
   // Elements a..b of the int kernels' zero-padded activation copies of x (int_linear.cpp's prepare_x

@@ -279,3 +279,24 @@ def test_native_step_refuses_bad_input_by_name():
         dec.plan.step(torch.zeros(1, 64), 8)
     with pytest.raises(InputError, match="max_len 8"):
         dec.forward(_ids(b=1, t=1), 8)
+
+
+def test_native_step_with_the_thread_count_changing_between_steps(monkeypatch):
+    """The step's team has torch's current thread count each call (its per-thread buffers grow)."""
+    _native_ext()
+    model = _quantized("w4-g32")
+    ids = _ids(b=1, t=4)
+    with torch.inference_mode():
+        want = _steps(model, ids, 6, False, monkeypatch)
+        monkeypatch.setenv("TORCHCOMPRESS_DECODE_STEP", "1")
+        dec = Decoder(model, max_len=10, batch=1)
+        nxt = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(5))
+        threads = torch.get_num_threads()
+        got = [dec.forward(ids, 0)]
+        try:
+            for t, n in enumerate((1, 3, 1, 4, 2, 1)):
+                torch.set_num_threads(n)
+                got.append(dec.forward(nxt[t].view(1, 1), 4 + t))
+        finally:
+            torch.set_num_threads(threads)
+    assert (torch.stack(got) - want).abs().max().item() < NATIVE_ATOL
