@@ -8,6 +8,11 @@ become one call, norms are the model's own modules (their exact arithmetic), RoP
 computed once by the model's own rotary embedding, and decode attention runs on the key/value heads
 (query heads packed per KV head, as transformers does for one query token).
 
+For one sequence whose block layers all have native kernels (GGUF blocks, 4/8-bit int codes), a
+decode step is one native call instead (:func:`.kernels.native_plan`, ``kernels/cpu/decode_step.cpp``):
+one OpenMP team per token, the same row kernels, no Python between the pieces of the step.
+``TORCHCOMPRESS_DECODE_STEP=0`` turns it off.
+
     >>> from torchcompress.runtime import generate
     >>> out = generate(model, input_ids, max_new_tokens=32)        # greedy, (B, T + 32)
 
