@@ -123,6 +123,22 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @torch.no_grad()
+def greedy_top(model, prompt: list[int], n: int, k: int = 5) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
+    """:func:`greedy`'s tokens, plus at each step the model's ``k`` most likely tokens and their
+    log-probabilities (float32), best first: what tells a near-tie from a real disagreement."""
+    ids = torch.tensor([prompt])
+    out, tops = [], []
+    for _ in range(n):
+        logp = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+        top = logp.topk(k)
+        nxt = int(top.indices[0])
+        out.append(nxt)
+        tops.append((top.indices.tolist(), top.values.tolist()))
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out, tops
+
+
+@torch.no_grad()
 def teacher_forced_logprobs(model, seq: list[int]) -> list[float]:
     """log p(seq[t] | seq[:t]) for t >= 1 (float32)."""
     ids = torch.tensor([seq])

@@ -3,7 +3,7 @@
 For every scheme vLLM CPU serves: compress SmolLM2 with torchcompress, export it
 (compressed-tensors or GPTQ), run vLLM on the directory in its own venv (scripts/vllm_venv.sh) and
 compare with transformers in float32 on the same directory: greedy tokens for 2 prompts x 20 tokens
-must be equal, and teacher-forced log-probabilities of the reference sequences must agree to a mean
+must be equal up to a fork at a near-tie of the reference (``NEAR_TIE``), and teacher-forced log-probabilities of the reference sequences must agree to a mean
 |difference| under 0.1 nats (issue #21's acceptance bound). Schemes vLLM CPU refuses are tested as
 refusals, with vLLM's reason, so the README's engine table is checked both ways.
 
@@ -44,13 +44,19 @@ NEW_TOKENS = 20
 # issue #21's bound; measured well under it for W4 g64 sym (module docstring), and the negative control
 # (another checkpoint of the same scheme) must land clearly above it
 MAX_LOGPROB_DIFF = 0.1
+# greedy tokens may fork where the reference's two best tokens are closer than bf16's noise: measured
+# on an AVX-512 machine without AMX, W4 g64 sym forked at prompt 1 token 9 where the reference's top two
+# were 0.061 nats apart (29/40 tokens, mean 0.084 nats); on an AMX machine the same export gave 40/40.
+# vLLM's per-token log-prob error in bf16 is 0.05-0.08 nats on average and up to 0.30 (module
+# docstring), so a fork between tokens closer than 0.2 nats is rounding, not a wrong model
+NEAR_TIE = 0.2
 
 _NOT_RUN = pytest.mark.skipif(not os.environ.get("TORCHCOMPRESS_VLLM_ALL"), reason=(
     "not yet run to the end on the 2-core machine (GPTQ build > 10 min, FP8's vLLM worker 9 min without an answer): "
     "set TORCHCOMPRESS_VLLM_ALL=1 to run it"))
 SERVED = ["w4-g64-sym",
-          # measured: 38/40 tokens (one prompt forks at its 19th token, a bf16 near-tie), 0.056 nats
-          pytest.param("w4-g64-asym", marks=pytest.mark.xfail(strict=True, reason="greedy path forks at token 19")),
+          # measured: 38/40 tokens (prompt 0 forks at token 18, the reference's top two 0.130 nats apart), 0.060 nats
+          "w4-g64-asym",
           pytest.param("w4-gptq-g64", marks=_NOT_RUN), pytest.param("fp8-w8a8", marks=_NOT_RUN),
           pytest.param("int8-w8a8-smoothquant", marks=_NOT_RUN)]
 # scheme -> what vLLM's CPU build says (a fragment of its error)
@@ -75,7 +81,9 @@ class Served:
         tok = AutoTokenizer.from_pretrained(str(self.path))
         self.prompts = [chat_prompt(tok, p) for p in PROMPTS]
         ref = C.load_reference(self.scheme, self.path)
-        self.ref_tokens = [C.greedy(ref, p, NEW_TOKENS) for p in self.prompts]
+        greedy = [C.greedy_top(ref, p, NEW_TOKENS) for p in self.prompts]
+        self.ref_tokens = [g[0] for g in greedy]
+        self.ref_top = [g[1] for g in greedy]
         self.scored = [p + t for p, t in zip(self.prompts, self.ref_tokens)]
         self.ref_logprobs = [C.teacher_forced_logprobs(ref, s) for s in self.scored]
         del ref
@@ -95,6 +103,27 @@ def served(tmp_path_factory):
     return get
 
 
+def fork_at_near_tie(ref_tokens, ref_top, run_tokens) -> str | None:
+    """None when ``run_tokens`` equal ``ref_tokens``, or each prompt's first differing token is a
+    near-tie of the reference (vLLM's token among the reference's top 5, within NEAR_TIE nats of its
+    choice); else why not. After a fork the two continue from different text, so later tokens are
+    not compared (as vLLM's own ``check_logprobs_close``); the teacher-forced log-probabilities cover
+    the whole reference sequence."""
+    for i, (ref, run) in enumerate(zip(ref_tokens, run_tokens, strict=True)):
+        for t, (a, b) in enumerate(zip(ref, run, strict=True)):
+            if a == b:
+                continue
+            idx, val = ref_top[i][t]
+            if b not in idx:
+                return f"prompt {i} token {t}: vLLM's {b} is not in the reference's top 5 {idx}"
+            gap = val[0] - val[idx.index(b)]
+            if gap > NEAR_TIE:
+                return f"prompt {i} token {t}: vLLM's {b} is {gap:.3f} nats below the reference's {a}"
+            print(f"prompt {i} forks at token {t}: {a} vs {b}, a near-tie of {gap:.3f} nats")
+            break
+    return None
+
+
 def agreement(tokens_a, lp_a, tokens_b, lp_b) -> tuple[int, int, float]:
     """(equal tokens, tokens, mean |log-prob difference|)."""
     pairs = [(x, y) for ta, tb in zip(tokens_a, tokens_b, strict=True) for x, y in zip(ta, tb, strict=True)]
@@ -108,7 +137,8 @@ def test_vllm_serves_export_like_transformers(served, name):
     assert s.run.quantization == ("gptq" if s.scheme.export == "gptq" else "compressed-tensors")
     equal, total, diff = agreement(s.ref_tokens, s.ref_logprobs, s.run.tokens, s.run.logprobs)
     print(f"{name}: tokens {equal}/{total}, mean |log-prob diff| {diff:.4f} nats")
-    assert s.run.tokens == s.ref_tokens
+    fork = fork_at_near_tie(s.ref_tokens, s.ref_top, s.run.tokens)
+    assert fork is None, fork
     assert diff < MAX_LOGPROB_DIFF
 
 
