@@ -1,4 +1,4 @@
-"""Hadamard matrices (Sylvester, Paley I/II), random rotations and the fast transform."""
+"""Hadamard matrices (Sylvester, Paley I/II, Williamson), random rotations and the fast transform."""
 
 import math
 
@@ -17,10 +17,18 @@ def test_base_orders_are_hadamard(k):
     assert torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.int64))  # exact: integers
 
 
-@pytest.mark.parametrize("n", [2, 64, 576, 1536, 96, 160, 224, 416, 480, 864, 1120, 2048])
+@pytest.mark.parametrize("n", [2, 64, 576, 1536, 96, 160, 224, 416, 480, 864, 1120, 2048, 312, 688])
 def test_products_with_powers_of_two_are_hadamard(n):
     h = hadamard_matrix(n)
     assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.int64))
+
+
+def test_williamson_rows_are_symmetric_circulants():
+    from torchcompress.primitives.hadamard import _WILLIAMSON_ROWS
+    for n, rows in _WILLIAMSON_ROWS.items():
+        assert 4 * n in BASE_ORDERS and len(rows) == 4
+        for r in rows:
+            assert len(r) == n and all(r[i] == r[n - i] for i in range(1, n))
 
 
 def test_factors_pick_known_bases():
@@ -28,7 +36,10 @@ def test_factors_pick_known_bases():
     assert hadamard_factors(1536) == (12, 128)  # its intermediate size
     assert hadamard_factors(64) == (1, 64)
     assert hadamard_factors(28 * 8) == (28, 8)
-    for n in (0, 3, 7, 100, 156, 172 * 4):  # no base (156 and 172 are not built: see the module)
+    assert hadamard_factors(156) == (156, 1)  # Williamson, n = 39
+    assert hadamard_factors(172 * 4) == (172, 4)  # Williamson, n = 43
+    assert hadamard_factors(11008) == (172, 64)  # Llama-2-7B's intermediate size
+    for n in (0, 3, 7, 100, 4 * 47):  # no base
         assert hadamard_factors(n) is None
         with pytest.raises(ValueError):
             hadamard_matrix(n)
@@ -78,7 +89,7 @@ def test_fwht_equals_sylvester_product(n):
     torch.testing.assert_close(fwht(x), x @ hadamard_matrix(n).double(), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("n", [12, 576, 1536, 40 * 4, 52 * 2, 140])
+@pytest.mark.parametrize("n", [12, 576, 1536, 40 * 4, 52 * 2, 140, 156, 172 * 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_hadamard_transform_equals_dense_product(n, dtype):
     x = torch.randn(4, n, dtype=dtype)

@@ -8,11 +8,15 @@ the power of two) with a base ``H_k`` from these classical constructions:
 - Sylvester: ``H_1 = [1]``, ``H_2n = [[H, H], [H, -H]]``.
 - Paley I (q a prime power, q = 3 mod 4): order q + 1 from the Jacobsthal matrix of GF(q).
 - Paley II (q a prime power, q = 1 mod 4): order 2 (q + 1) from the symmetric conference matrix.
+- Williamson (n odd): four symmetric circulant +-1 matrices A, B, C, D of order n with
+  A^2 + B^2 + C^2 + D^2 = 4n I give the order-4n Hadamard matrix
+  ``[[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]``.
 
 Base orders: 12 (Paley I, q=11), 20 (I, 19), 28 (II, 13), 36 (II, 17), 40 (Sylvester x 20),
-52 (II, 25 = GF(5^2)), 60 (I, 59), 108 (I, 107), 140 (I, 139). 156 and 172 have no Paley
-construction (155, 171, 77, 85 are not prime powers) and need Williamson-type matrices found by
-computer search; they are not built here, so those sizes get the seeded random orthogonal fallback.
+52 (II, 25 = GF(5^2)), 60 (I, 59), 108 (I, 107), 140 (I, 139), 156 (Williamson, n=39), 172 (Williamson,
+n=43). 156 and 172 have no Paley construction (155, 171, 77, 85 are not prime powers); their Williamson
+first rows were found by our own computer search, ``scripts/hadamard_search.py``. Every other order
+without a base here gets the seeded random orthogonal fallback.
 """
 
 from __future__ import annotations
@@ -25,8 +29,29 @@ import torch
 
 # base order -> (construction, q)
 _BASES = {1: ("sylvester", 1), 12: ("paley1", 11), 20: ("paley1", 19), 28: ("paley2", 13), 36: ("paley2", 17),
-          40: ("double", 20), 52: ("paley2", 25), 60: ("paley1", 59), 108: ("paley1", 107), 140: ("paley1", 139)}
+          40: ("double", 20), 52: ("paley2", 25), 60: ("paley1", 59), 108: ("paley1", 107), 140: ("paley1", 139),
+          156: ("williamson", 39), 172: ("williamson", 43)}
 BASE_ORDERS = tuple(sorted(_BASES))
+
+# Williamson matrices: first rows of the symmetric circulants A, B, C, D (order n = 39 for 156, 43 for 172),
+# found by our own search, scripts/hadamard_search.py (meet in the middle over symmetric +-1 sequences with
+# the power-spectral-density bound; deterministic, see its docstring): `hadamard_search.py 39` (row sums
+# 9, 5, 5, 5; 18 s) and `hadamard_search.py 43:7,7,7,5` (row sums 7, 5, 7, 7; 14 min on a loaded machine).
+# Verified exactly (H H^T = 4n I) by tests/primitives/test_hadamard.py.
+_WILLIAMSON_ROWS = {
+    39: (
+        "++------+--+-+--++-++-++--+-+--+------+",
+        "+-+-----+-+++--+++----+++--+++-+-----+-",
+        "++---+--++----+-+-++++-+-+----++--+---+",
+        "++-++-++---+-----+-++-+-----+---++-++-+",
+    ),
+    43: (
+        "+-+++----+-++-++--++++++++--++-++-+----+++-",
+        "+--+++--+----+-+--++-++-++--+-+----+--+++--",
+        "++++-++++---+++---+--++--+---+++---++++-+++",
+        "+-+-++--+-+-++++++-+----+-++++++-+-+--++-+-",
+    ),
+}
 
 
 def _prime_power(q: int) -> tuple[int, int]:
@@ -111,6 +136,19 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(c, one) + torch.kron((c == 0).long(), zero)
 
 
+def _williamson(n: int) -> torch.Tensor:
+    """Order 4n from the Williamson array of the stored symmetric circulants (row r = first row shifted right
+    by r): ``[[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]``."""
+    def circulant(row: str) -> torch.Tensor:
+        first = torch.tensor([1 if ch == "+" else -1 for ch in row], dtype=torch.int64)
+        assert len(row) == n and set(row) <= {"+", "-"}
+        return torch.stack([torch.roll(first, r) for r in range(n)])
+
+    a, b, c, d = (circulant(r) for r in _WILLIAMSON_ROWS[n])
+    return torch.cat([torch.cat(blocks, 1) for blocks in
+                      ((a, b, c, d), (-b, a, -d, c), (-c, d, a, -b), (-d, -c, b, a))], 0)
+
+
 def _sylvester(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.int64)
     while h.shape[0] < n:
@@ -125,6 +163,8 @@ def _base(k: int) -> torch.Tensor:
         return _sylvester(1)
     if how == "double":
         return torch.kron(_sylvester(2), _base(q))
+    if how == "williamson":
+        return _williamson(q)
     return _paley1(q) if how == "paley1" else _paley2(q)
 
 
