@@ -45,8 +45,10 @@ def _isas():
 ISAS = _isas()
 PATHS = ["gemv", "tiled"]
 # (out N, in K, group_size): 1x1, odd K/N, K=576 g128 (partial last group), odd group sizes
-# (4-bit groups that do not start on a byte: portable path), K < group, group of 48 (not a SIMD multiple)
-SHAPES = [(1, 1, 128), (3, 7, 4), (5, 576, 128), (17, 100, 32), (9, 33, 3), (64, 256, 48), (31, 130, 128), (40, 64, 64)]
+# (4-bit groups that do not start on a byte: portable path), K < group, group of 48 (not a SIMD multiple),
+# K = 160 g32 (the one-row kernel's full-group-of-32 loop: two groups per step, then an odd last group)
+SHAPES = [(1, 1, 128), (3, 7, 4), (5, 576, 128), (17, 100, 32), (9, 33, 3), (64, 256, 48), (31, 130, 128), (40, 64, 64),
+          (7, 160, 32)]
 TOL = {  # (rtol, atol as a fraction of max|y_ref|)
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-2),
