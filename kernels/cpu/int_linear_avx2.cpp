@@ -95,9 +95,62 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
   }
 }
 
+// One row of x (a decode step), 4-bit codes: rows_mb<1> with 16 bytes per step into four independent
+// FMA chains (rows_mb<1> runs one chain: its FMAs wait on each other), unmasked loads for whole
+// 16-byte steps, and a prefetch ahead on the row.
+void int4_row1(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
+  const __m256i nib = _mm256_set1_epi32(0xF);
+  constexpr int64_t kPrefetchBytes = 1024;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qw + n * p.row_bytes;
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t c0 = g * p.gs;
+      const int64_t len = (p.gs < p.K - c0) ? p.gs : p.K - c0;
+      const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;
+      const uint8_t* r = row + b0;
+      const float* xa = q.xa + b0;
+      const float* xb = q.xb + b0;
+      _mm_prefetch(reinterpret_cast<const char*>(r) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256 vz = _mm256_set1_ps(load_zero(p, n, g));
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= nb; j += 16) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j)));
+        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j + 8)));
+        a0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vz), _mm256_loadu_ps(xa + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz), _mm256_loadu_ps(xb + j), a1);
+        a2 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, nib)), vz), _mm256_loadu_ps(xa + j + 8), a2);
+        a3 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), vz), _mm256_loadu_ps(xb + j + 8), a3);
+      }
+      for (; j < nb; j += 8) {  // the group's last bytes, maybe fewer than 8: lanes past it add nothing
+        const __m256i b = load8_u8(r + j, nb - j);
+        __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vz);
+        __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
+        if (j + 8 > nb) {
+          const __m256 keep = lanes_below(nb - j);
+          lo = _mm256_and_ps(lo, keep);
+          hi = _mm256_and_ps(hi, keep);
+        }
+        a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xa + j), a0);
+        a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xb + j), a1);
+      }
+      const __m256 vs = _mm256_set1_ps(scale_at(p, n, g));
+      tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a2), vs, tot0);
+      tot1 = _mm256_fmadd_ps(_mm256_add_ps(a1, a3), vs, tot1);
+    }
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    p.out[n] = hsum(_mm256_add_ps(tot0, tot1)) + bias;
+  }
+}
+
 }  // namespace
 
 void gemv_rows_avx2(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
+  if (p.M == 1 && p.bits == 4) {
+    int4_row1(p, q, n0, n1);
+    return;
+  }
   constexpr int64_t kRowBlock = 8;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = (nb + kRowBlock < n1) ? nb + kRowBlock : n1;
