@@ -97,7 +97,9 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
 
 // One row of x (a decode step), 4-bit codes: rows_mb<1> with 16 bytes per step into four independent
 // FMA chains (rows_mb<1> runs one chain: its FMAs wait on each other), unmasked loads for whole
-// 16-byte steps, and a prefetch ahead on the row.
+// 16-byte steps, and a prefetch ahead on the row. Measured (AVX2 path forced on an AVX-512 machine,
+// one thread, 64M weights streamed, asymmetric): group 128 5.9-6.3 -> 7.8-9.4 G weights/s, group 32
+// 3.6-4.0 -> 3.9-5.0.
 void int4_row1(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
   const __m256i nib = _mm256_set1_epi32(0xF);
   constexpr int64_t kPrefetchBytes = 1024;
