@@ -47,10 +47,23 @@ inline __m256 lanes_below(int64_t avail) {
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(avail < 8 ? avail : 8)), iota));
 }
 
+// Low and high nibbles of the 8 bytes at r (only `avail` of them exist when avail < 8) as code - zero
+// in fp32; lanes past the available bytes are zero, so they add nothing.
+inline void nibbles8(const uint8_t* r, int64_t avail, __m256 vz, __m256* lo, __m256* hi) {
+  const __m256i nib = _mm256_set1_epi32(0xF);
+  const __m256i b = load8_u8(r, avail);
+  *lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vz);
+  *hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
+  if (avail < 8) {
+    const __m256 keep = lanes_below(avail);
+    *lo = _mm256_and_ps(*lo, keep);
+    *hi = _mm256_and_ps(*hi, keep);
+  }
+}
+
 // Per group: acc += (c - zero) * x (exact small integers in fp32), then total += scale * acc.
 template <int MB>
 void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_t n1) {
-  const __m256i nib = _mm256_set1_epi32(0xF);
   const bool four = p.bits == 4;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qw + n * p.row_bytes;
@@ -65,14 +78,8 @@ void rows_mb(const Problem& p, const Prepared& q, int64_t m0, int64_t n0, int64_
       if (four) {
         const int64_t b0 = c0 >> 1, nb = (len + 1) >> 1;
         for (int64_t j = 0; j < nb; j += 8) {
-          const __m256i b = load8_u8(row + b0 + j, nb - j);
-          __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vz);
-          __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
-          if (j + 8 > nb) {
-            const __m256 keep = lanes_below(nb - j);
-            lo = _mm256_and_ps(lo, keep);
-            hi = _mm256_and_ps(hi, keep);
-          }
+          __m256 lo, hi;
+          nibbles8(row + b0 + j, nb - j, vz, &lo, &hi);
           for (int m = 0; m < MB; ++m) {
             const int64_t off = (m0 + m) * q.ldx + b0 + j;
             acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(q.xa + off), acc[m]);
@@ -125,15 +132,9 @@ void int4_row1(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
         a2 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, nib)), vz), _mm256_loadu_ps(xa + j + 8), a2);
         a3 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), vz), _mm256_loadu_ps(xb + j + 8), a3);
       }
-      for (; j < nb; j += 8) {  // the group's last bytes, maybe fewer than 8: lanes past it add nothing
-        const __m256i b = load8_u8(r + j, nb - j);
-        __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vz);
-        __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
-        if (j + 8 > nb) {
-          const __m256 keep = lanes_below(nb - j);
-          lo = _mm256_and_ps(lo, keep);
-          hi = _mm256_and_ps(hi, keep);
-        }
+      for (; j < nb; j += 8) {  // the group's last bytes, maybe fewer than 8
+        __m256 lo, hi;
+        nibbles8(r + j, nb - j, vz, &lo, &hi);
         a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xa + j), a0);
         a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xb + j), a1);
       }
